@@ -1,0 +1,165 @@
+"""Rank attention heads by how well they localize, per sample and over a dataset.
+
+Per sample (method.md §3), on attn [L, H, 1, V] reshaped to maps [L·H, rows, cols]:
+  1. criterion 1 — image attention S = Σ map; keep heads with S ≥ τ, τ the chord elbow of the
+     sorted S (at least `min_keep` heads survive);
+  2. criterion 2 — spatial entropy of the map's 8-connected foreground components (lower = more
+     concentrated); "size" (paper: foreground > mean, P_i ∝ |C_i|) or "mass" (reference code:
+     B = ReLU(A − 2·mean), foreground B > binarize_threshold, P_i = Σ_{C_i} B / Σ B, +inf if Σ B = 0);
+  3. optional filters: bottom-row focus (an attention-sink artefact) and early layers;
+  4. survivors ranked by entropy ascending (ties: larger S first).
+Over a dataset (§4): each sample's `per_sample` best heads get one vote; the k most-voted heads
+are the model's localization heads. τ comes from S averaged over the set (scope=dataset, paper)
+or from each sample (scope=sample, reference code).
+
+All arithmetic is float64 over all heads at once; one scipy labelling call covers every head.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+# 8-connectivity inside each [rows, cols] slice, none across the head axis.
+_EIGHT_CONNECTED_PER_HEAD = np.zeros((3, 3, 3), dtype=bool)
+_EIGHT_CONNECTED_PER_HEAD[1] = True
+
+
+def head_maps(attn, grid: tuple[int, int]) -> np.ndarray:
+    """[L, H, 1, V] (torch or numpy) → float64 maps [L·H, rows, cols], head index = layer·H + head."""
+    arr = attn.detach().cpu().double().numpy() if hasattr(attn, "detach") else np.asarray(attn, dtype=np.float64)
+    layers, heads, _, num_vis = arr.shape
+    rows, cols = grid
+    if rows * cols != num_vis:
+        raise ValueError(f"grid {grid} does not hold V={num_vis} visual tokens")
+    return arr.reshape(layers * heads, rows, cols)
+
+
+def chord_elbow(values) -> float:
+    """τ at the elbow of the ascending curve of `values`: the point farthest (absolute
+    perpendicular distance) from the chord joining the first and last points. N ≤ 2 or a flat
+    curve → min(values)."""
+    y = np.sort(np.asarray(values, dtype=np.float64))
+    n = y.size
+    if n == 0:
+        raise ValueError("chord_elbow needs at least one value")
+    if n <= 2 or y[-1] == y[0]:
+        return float(y[0])
+    x = np.arange(n, dtype=np.float64)
+    dx, dy = n - 1.0, y[-1] - y[0]
+    distance = np.abs(dy * x - dx * (y - y[0])) / math.hypot(dx, dy)
+    return float(y[int(np.argmax(distance))])
+
+
+def spatial_entropy(maps: np.ndarray, method: str = "size", binarize_threshold: float = 0.001
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy [N] and component count [N] of maps [N, rows, cols] (see module docstring)."""
+    n = maps.shape[0]
+    mean = maps.mean(axis=(1, 2), keepdims=True)
+    if method == "size":
+        foreground = maps > mean
+        weight = foreground.astype(np.float64)
+    elif method == "mass":
+        weight = np.maximum(maps - 2.0 * mean, 0.0)
+        foreground = weight > binarize_threshold
+    else:
+        raise ValueError(f"logic.entropy.method={method!r} is unknown; use size (paper) or mass (reference)")
+    labels, num = ndimage.label(foreground, structure=_EIGHT_CONNECTED_PER_HEAD)   # [N, rows, cols]
+    comp_mass = np.bincount(labels.ravel(), weights=weight.ravel(), minlength=num + 1)[1:]   # [num]
+    # Labels are numbered in scan order, so each component's head is that of its first cell.
+    first_cell = ndimage.minimum(np.arange(labels.size).reshape(labels.shape), labels, np.arange(1, num + 1))
+    comp_head = (np.asarray(first_cell, dtype=np.int64) // (maps.shape[1] * maps.shape[2])) if num else np.zeros(0, np.int64)
+    n_components = np.bincount(comp_head, minlength=n)
+    # Reference: P over ALL of B's mass (below-threshold mass included); paper: over the foreground.
+    total = weight.sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = comp_mass / total[comp_head]
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    entropy = np.bincount(comp_head, weights=terms, minlength=n).astype(np.float64)
+    entropy[total <= 0] = math.inf          # no foreground: nothing localized
+    return entropy, n_components
+
+
+def bottom_row_focus(maps: np.ndarray, threshold: float = 0.05) -> np.ndarray:
+    """[N] bool: any cell of the last grid row above `threshold` (raw attention)."""
+    return (maps[:, -1, :] > threshold).any(axis=1)
+
+
+@dataclass(frozen=True)
+class HeadTable:
+    """Per-head measurements of one sample, flat over layer·H + head."""
+
+    num_heads: int
+    attn_sum: np.ndarray          # [N]
+    entropy: np.ndarray           # [N]
+    n_components: np.ndarray      # [N]
+    bottom_row: np.ndarray        # [N] bool
+
+    def record(self, index: int) -> dict:
+        se = float(self.entropy[index])
+        return {"layer": index // self.num_heads, "head": index % self.num_heads,
+                "attn_sum": float(self.attn_sum[index]),
+                "spatial_entropy": se if math.isfinite(se) else None,   # strict JSON has no Infinity
+                "bottom_row_focus": bool(self.bottom_row[index]),
+                "n_components": int(self.n_components[index])}
+
+
+def measure_heads(attn, grid: tuple[int, int], logic) -> HeadTable:
+    maps = head_maps(attn, grid)
+    entropy, n_comp = spatial_entropy(maps, logic.entropy.method, float(logic.entropy.binarize_threshold))
+    return HeadTable(attn.shape[1], maps.sum(axis=(1, 2)), entropy, n_comp,
+                     bottom_row_focus(maps, float(logic.filters.bottom_row_threshold)))
+
+
+def rank_heads(table: HeadTable, logic, tau: float | None = None) -> list[int]:
+    """Flat head indices that pass criterion 1 and the filters, best (lowest entropy) first.
+    τ: given (dataset scope) or the chord elbow of this sample's sums."""
+    tau = chord_elbow(table.attn_sum) if tau is None else tau
+    passed = table.attn_sum >= tau
+    min_keep = int(logic.threshold.min_keep)
+    if passed.sum() < min_keep:
+        passed[np.argsort(-table.attn_sum, kind="stable")[:min_keep]] = True
+    layer = np.arange(table.attn_sum.size) // table.num_heads
+    keep = passed & (layer >= int(logic.filters.min_layer)) & np.isfinite(table.entropy)
+    if logic.filters.bottom_row:
+        keep &= ~table.bottom_row
+    candidates = np.flatnonzero(keep)
+    order = np.lexsort((-table.attn_sum[candidates], table.entropy[candidates]))
+    return candidates[order].tolist()
+
+
+def analyze(attn, grid: tuple[int, int], logic) -> dict:
+    """Per-sample analysis: {"tau", "ranked": [head records, best first], "heads": all records}."""
+    table = measure_heads(attn, grid, logic)
+    tau = chord_elbow(table.attn_sum)
+    ranked = rank_heads(table, logic, tau)
+    return {"tau": tau, "ranked": [dict(table.record(i), rank=r) for r, i in enumerate(ranked)],
+            "heads": [table.record(i) for i in range(table.attn_sum.size)]}
+
+
+def select_heads(tables: list[HeadTable], logic) -> dict:
+    """Dataset-level voting (method.md §4) over per-sample HeadTables of one model."""
+    if not tables:
+        raise ValueError("no samples to select heads from")
+    num_heads = tables[0].num_heads
+    scope = str(logic.threshold.scope)
+    if scope == "dataset":
+        tau = chord_elbow(np.mean([t.attn_sum for t in tables], axis=0))
+    elif scope == "sample":
+        tau = None
+    else:
+        raise ValueError(f"logic.threshold.scope={scope!r} is unknown; use dataset or sample")
+    per_sample = int(logic.select.per_sample)
+    votes: Counter[int] = Counter()
+    for table in tables:
+        votes.update(rank_heads(table, logic, tau)[:per_sample])
+    # Most votes first; ties by smaller (layer, head) so the result is reproducible.
+    ordered = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+    counts = [{"layer": i // num_heads, "head": i % num_heads, "count": c, "frequency": c / len(tables)}
+              for i, c in ordered]
+    k = int(logic.select.k)
+    return {"k": k, "tau": tau, "tau_scope": scope, "n_samples": len(tables), "per_sample": per_sample,
+            "heads": [[c["layer"], c["head"]] for c in counts[:k]], "counts": counts}

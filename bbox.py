@@ -1,0 +1,90 @@
+"""From selected heads to a heat map, a mask and a box on the ORIGINAL image (method.md §5).
+
+1. M = Σ_heads GaussianSmooth(A_head, σ)                              grid (rows, cols)
+2. M is resampled at every original pixel's centre through the recorded geometry (the grid spans
+   `grid_box`, e.g. the padded square), so padding never reaches the image and non-square images
+   are not stretched                                                   [H, W]
+3. foreground = M > mean(M), the mean over image pixels only
+4. "largest_hull" (paper): largest 8-connected region, filled to its convex hull;
+   "mean_relu" (reference code): every foreground pixel
+5. box = tight box of the mask, xyxy in pixels, half-open/continuous: [x0, y0, x1, y1] covers
+   x0 ≤ x < x1, so a one-pixel mask at (u, v) is [u, v, u+1, v+1] (evaluate.py uses the same).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from analyze import head_maps
+from llava.geometry import Geometry
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+MASK_METHODS = ("largest_hull", "mean_relu")
+
+
+def combine_heads(attn, grid: tuple[int, int], heads: list[tuple[int, int]], sigma: float) -> np.ndarray:
+    """Sum of the smoothed maps of heads [(layer, head), ...] → grid (rows, cols), float64.
+    σ = 1 with truncate 3 is the paper's 7×7 Gaussian kernel."""
+    maps = head_maps(attn, grid)                                      # [L·H, rows, cols]
+    num_heads = attn.shape[1]
+    combined = np.zeros(grid, dtype=np.float64)
+    for layer, head in heads:
+        a = maps[layer * num_heads + head]
+        combined += ndimage.gaussian_filter(a, sigma, mode="nearest", truncate=3.0) if sigma > 0 else a
+    return combined
+
+
+def grid_to_image(grid_map: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Bilinear resample of a grid map at the centre of every original pixel → [H, W]."""
+    rows, cols = grid_map.shape
+    width, height = geometry.image_size
+    x0, y0, x1, y1 = geometry.grid_box
+    gx = ((np.arange(width) + 0.5) - x0) / ((x1 - x0) / cols) - 0.5   # pixel centre → grid coordinate
+    gy = ((np.arange(height) + 0.5) - y0) / ((y1 - y0) / rows) - 0.5
+    yy, xx = np.meshgrid(gy, gx, indexing="ij")
+    return ndimage.map_coordinates(grid_map, [yy, xx], order=1, mode="nearest")
+
+
+def _convex_fill(component: np.ndarray) -> np.ndarray:
+    """The component's convex hull as a mask (pixel squares' corners, so thin shapes survive)."""
+    ys, xs = np.nonzero(component)
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
+    try:
+        hull = corners[ConvexHull(corners).vertices]
+    except QhullError:  # collinear: the component is already its own hull
+        return component
+    canvas = Image.new("1", (component.shape[1], component.shape[0]), 0)
+    # Pixel (u, v) is filled when its centre lies inside the hull polygon.
+    ImageDraw.Draw(canvas).polygon([(float(x) - 0.5, float(y) - 0.5) for x, y in hull], fill=1)
+    return np.asarray(canvas, dtype=bool) | component
+
+
+def mask_from_heat(heat: np.ndarray, method: str = "largest_hull") -> np.ndarray:
+    """Binary mask [H, W] from an image-resolution heat map."""
+    if method not in MASK_METHODS:
+        raise ValueError(f"logic.mask.method={method!r} is unknown; use one of {MASK_METHODS}")
+    foreground = heat > heat.mean()
+    if method == "mean_relu" or not foreground.any():
+        return foreground
+    labels, num = ndimage.label(foreground, structure=_EIGHT)
+    sizes = np.bincount(labels.ravel())[1:]
+    return _convex_fill(labels == (int(np.argmax(sizes)) + 1))
+
+
+def box_from_mask(mask: np.ndarray) -> list[float] | None:
+    """Tight half-open box [x0, y0, x1, y1] of a mask, None if empty."""
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        return None
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def localize(attn, meta: dict, heads: list[tuple[int, int]], logic) -> dict:
+    """{"grid_map" (rows, cols), "heat" [H, W], "mask" [H, W] bool, "bbox_xyxy" or None}."""
+    geometry = Geometry.from_dict(meta["geometry"])
+    grid_map = combine_heads(attn, geometry.grid, heads, float(logic.smoothing.sigma))
+    heat = grid_to_image(grid_map, geometry)
+    mask = mask_from_heat(heat, str(logic.mask.method))
+    return {"grid_map": grid_map, "heat": heat, "mask": mask, "bbox_xyxy": box_from_mask(mask)}

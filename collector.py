@@ -1,0 +1,216 @@
+"""Collect the last text token's attention over the image tokens: [L, H, 1, V] per sample.
+
+Forward mode (default): one prefill; the query is the last prompt token (the end of the expression).
+Generate mode: `generate` with the configured decoding; the query is the FIRST GENERATED token,
+falling back to the prompt's row when nothing was generated.
+
+Capture: `attn_capture="sdpa"` (capture.py, one row per layer beside the SDPA kernel) or "eager"
+(`output_attentions=True`, every full map materialised — kept for comparison). Either way the
+result is checked: a missing, empty or non-finite capture raises, it never passes as a result.
+
+Attention files: `save_attention` writes {"attn", "meta"} with torch.save (zip) atomically;
+`load_attention` reads those with weights-only loading and the reference code's plain pickles
+through a restricted unpickler, and refuses anything that would execute code.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from capture import AttentionCapture
+from dataio import InputError, atomic_write_bytes
+from llava.adapter import Adapter, Prepared, position_ids_from_mask
+from llava.geometry import Geometry, compute_geometry
+
+log = logging.getLogger(__name__)
+
+FORMAT = "localization-heads/attention-v1"
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """RGB image or InputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image not found; check data.image_file / image_path")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises several types for broken files
+        raise InputError(f"{path}: cannot read image ({e.__class__.__name__}: {e})") from None
+
+
+def check_query(query) -> str:
+    if not isinstance(query, str) or not query.strip():
+        raise InputError(f"empty query {query!r}; pass a referring expression (data.query / prompt)")
+    return query.strip()
+
+
+def _rows_from_eager(attentions, num_layers: int, batch: int) -> torch.Tensor:
+    """[L, B, H, N] last query rows out of `output_attentions`; never trust the flag (an empty
+    tuple under SDPA in transformers 5, None in 4.x, log-sum-exp under flex)."""
+    if not attentions or len(attentions) != num_layers or any(a is None or a.dim() != 4 for a in attentions):
+        raise RuntimeError("output_attentions returned no attention maps; the text model must run eager "
+                           "attention (model.attn_capture=eager loads it so)")
+    rows = torch.stack([a[:, :, -1, :].float() for a in attentions])
+    if rows.shape[1] != batch:
+        raise RuntimeError(f"eager attentions have batch {rows.shape[1]}, expected {batch}")
+    return rows
+
+
+@torch.inference_mode()
+def capture_rows(adapter: Adapter, prepared: Prepared, *, attn_capture: str = "sdpa") -> torch.Tensor:
+    """One forward pass over a prepared batch; the last position's rows [L, B, H, N]."""
+    inputs = prepared.inputs
+    batch = inputs["attention_mask"].shape[0]
+    eager = attn_capture == "eager"
+    capture = AttentionCapture(max_steps=1)
+    out = adapter.model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]),
+                        output_attentions=eager, attention_capture=None if eager else capture, use_cache=False)
+    rows = _rows_from_eager(out.attentions, adapter.num_layers, batch) if eager else capture.layers(0, adapter.num_layers)
+    return _checked(rows, adapter, batch)
+
+
+@torch.inference_mode()
+def generate_then_capture(adapter: Adapter, prepared: Prepared, *, attn_capture: str = "sdpa",
+                          gen_kwargs: dict | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Generate, then capture the FIRST GENERATED token's row by one forward pass over prompt +
+    that token (the same softmax as decode step 1, any decoding strategy). The reference code read
+    the prefill's row 0 (BOS, which sees no image) instead."""
+    out = adapter.model.generate(**prepared.inputs, return_dict_in_generate=True, **(gen_kwargs or {}))
+    texts = adapter.decode_generated(out.sequences, prepared)
+    prompt_len = prepared.inputs["input_ids"].shape[1] if "input_ids" in prepared.inputs else 0
+    if out.sequences.shape[1] <= prompt_len:
+        log.warning("generation produced no token; using the forward-mode row")
+        return capture_rows(adapter, prepared, attn_capture=attn_capture), texts
+    first = out.sequences[:, prompt_len]                                    # [B]
+    return capture_rows(adapter, adapter.append_tokens(prepared, first), attn_capture=attn_capture), texts
+
+
+def _checked(rows: torch.Tensor, adapter: Adapter, batch: int) -> torch.Tensor:
+    if rows.shape[:3] != (adapter.num_layers, batch, adapter.num_heads) or rows.numel() == 0:
+        raise RuntimeError(f"captured rows have shape {tuple(rows.shape)}, expected "
+                           f"({adapter.num_layers}, {batch}, {adapter.num_heads}, N)")
+    if not torch.isfinite(rows).all():
+        raise RuntimeError("captured attention has non-finite values")
+    return rows
+
+
+def collect(adapter: Adapter, images: list[Image.Image], queries: list[str], *, attn_capture: str = "sdpa",
+            use_generate: bool = False, gen_kwargs: dict | None = None) -> list[dict]:
+    """Attention records for a batch: {"attn": [L, H, 1, V] float32 CPU, "meta": {...}} per sample."""
+    prepared = adapter.prepare(images, [check_query(q) for q in queries])
+    if use_generate:
+        rows, texts = generate_then_capture(adapter, prepared, attn_capture=attn_capture, gen_kwargs=gen_kwargs)
+    else:
+        rows, texts = capture_rows(adapter, prepared, attn_capture=attn_capture), None
+    positions = prepared.image_positions.to(rows.device)                     # [B, V]
+    records = []
+    for b, (query, geometry) in enumerate(zip(queries, prepared.geometry)):
+        attn = rows[:, b][:, :, positions[b]].unsqueeze(2).cpu()              # [L, H, 1, V]
+        meta = {
+            "format": FORMAT,
+            "query": query,
+            "prompt": prepared.prompts[b],
+            "model_name": adapter.model_name,
+            "image_size": list(geometry.image_size),
+            "grid": list(geometry.grid),
+            "vis_len": int(positions.shape[1]),
+            "num_layers": adapter.num_layers,
+            "num_heads": adapter.num_heads,
+            "geometry": geometry.to_dict(),
+            "mode": "generate" if use_generate else "forward",
+            "attn_capture": attn_capture,
+            "model_dtype": str(adapter.dtype).removeprefix("torch."),
+        }
+        if texts is not None:
+            meta["generated_text"] = texts[b]
+        records.append({"attn": attn, "meta": meta})
+    return records
+
+
+# ---------------------------------------------------------------- attention files
+
+def save_attention(path: str | Path, record: dict, dtype: torch.dtype = torch.float16) -> None:
+    """Atomically write {"attn": [L, H, 1, V] in `dtype`, "meta": dict}."""
+    buf = io.BytesIO()
+    meta = dict(record["meta"], attn_dtype=str(dtype).removeprefix("torch."))
+    torch.save({"attn": record["attn"].to(dtype).contiguous(), "meta": meta}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Only what a reference-code attention pickle holds: tensors, numpy arrays and builtins."""
+
+    _allowed = {
+        ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"),
+        ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            # torch's own hook would call torch.load(weights_only=False) on the embedded bytes.
+            return lambda data: torch.load(io.BytesIO(data), weights_only=True)
+        if (module, name) in self._allowed or (module == "numpy" and name.endswith("DType")) \
+                or (module.startswith("numpy.dtypes") and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def load_attention(path: str | Path) -> dict:
+    """{"attn": float32 [L, H, 1, V], "meta": dict with grid and geometry}; InputError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: attention file not found; check data.attention_file")
+    try:
+        if zipfile.is_zipfile(path):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with path.open("rb") as f:
+                obj = _SafeUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise InputError(f"{path}: not a safe attention file ({e}); only tensors, arrays and plain data load") from None
+    except Exception as e:
+        raise InputError(f"{path}: not an attention file ({e.__class__.__name__}: {e})") from None
+    if not isinstance(obj, dict) or "attn" not in obj or "meta" not in obj:
+        raise InputError(f"{path}: not an attention file (expected a dict with 'attn' and 'meta')")
+    attn = torch.as_tensor(np.asarray(obj["attn"]) if not torch.is_tensor(obj["attn"]) else obj["attn"]).float()
+    if attn.dim() == 3:  # [L, H, V] from tools that drop the query axis
+        attn = attn.unsqueeze(2)
+    if attn.dim() != 4 or attn.shape[2] != 1:
+        raise InputError(f"{path}: 'attn' has shape {tuple(attn.shape)}, expected [L, H, 1, V]")
+    meta = _complete_meta(dict(obj["meta"]), attn, path)
+    return {"attn": attn, "meta": meta}
+
+
+def _complete_meta(meta: dict, attn: torch.Tensor, path: Path) -> dict:
+    """Reference-code files carry no grid or geometry. LLaVA-1.5 (the only model that code runs)
+    has a square CLIP grid and pads to square, so that is assumed — and logged."""
+    num_vis = attn.shape[-1]
+    if "geometry" not in meta:
+        if "image_size" not in meta:
+            raise InputError(f"{path}: meta has no 'image_size'; cannot place the map on the image")
+        side = math.isqrt(num_vis)
+        if side * side != num_vis:
+            raise InputError(f"{path}: meta has no 'grid' and V={num_vis} is not square; cannot place the map")
+        grid = tuple(meta.get("grid") or (side, side))
+        log.warning("%s: reference-format file; assuming grid %s over the image padded to square", path, grid)
+        meta["geometry"] = compute_geometry(tuple(meta["image_size"]), grid, pad=True).to_dict()
+        meta["grid"] = list(grid)
+    geometry = Geometry.from_dict(meta["geometry"])
+    if geometry.grid[0] * geometry.grid[1] != num_vis:
+        raise InputError(f"{path}: grid {geometry.grid} does not match V={num_vis} visual tokens")
+    meta.setdefault("grid", list(geometry.grid))
+    meta.setdefault("num_layers", attn.shape[0])
+    meta.setdefault("num_heads", attn.shape[1])
+    return meta

@@ -1,0 +1,74 @@
+"""Files in and out: JSONL rows with line-numbered errors, atomic writes, safe output paths."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class InputError(ValueError):
+    """Bad user input; the message is one line naming the file, line or key and what to do."""
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
+    """Yield (line_number, row) for each non-blank line; InputError names file:line and the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: JSONL file not found; check data.data_file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise InputError(f"{path}:{lineno}: missing key {missing[0]!r} (required: {', '.join(required)})")
+            yield lineno, row
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temp file in the same folder + rename, so a crash never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Strict JSON (allow_nan=False): callers turn inf/nan into None first."""
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def safe_output_path(root: str | Path, item_id: str, suffix: str) -> Path:
+    """root/<item_id><suffix>, refusing ids that would escape root ("../x", "/abs", "a/b")."""
+    item_id = str(item_id)
+    if not item_id or item_id in (".", "..") or "/" in item_id or "\\" in item_id or "\0" in item_id:
+        raise InputError(f"id {item_id!r} is not a plain file name; ids may not contain '/', '\\' or be '..'")
+    return Path(root) / f"{item_id}{suffix}"
+
+
+def resolve_path(path: str, base: str | Path) -> Path:
+    """A path from a JSONL row: absolute as is; relative ones against the JSONL's folder, and
+    against the working directory when only that exists (the seed README's examples are written so)."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    beside = Path(base) / p
+    return beside if beside.exists() or not p.exists() else p

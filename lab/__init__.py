@@ -1,0 +1,1 @@
+"""Tools around the pipeline: the toy world and its model, dataset converters."""

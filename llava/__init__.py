@@ -1,0 +1,1 @@
+"""Minimal LLaVA components on stock transformers: prompt templates, adapters per checkpoint format."""
