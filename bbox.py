@@ -4,7 +4,7 @@
 2. M is resampled at every original pixel's centre through the recorded geometry (the grid spans
    `grid_box`, e.g. the padded square), so padding never reaches the image and non-square images
    are not stretched                                                   [H, W]
-3. foreground = M > mean(M), the mean over image pixels only
+3. foreground = M > mean(M), the mean over image pixels the model saw (not padding, not cropped)
 4. "largest_hull" (paper): largest 8-connected region, filled to its convex hull;
    "mean_relu" (reference code): every foreground pixel
 5. box = tight box of the mask, xyxy in pixels, half-open/continuous: [x0, y0, x1, y1] covers
@@ -37,40 +37,44 @@ def combine_heads(attn, grid: tuple[int, int], heads: list[tuple[int, int]], sig
 
 
 def grid_to_image(grid_map: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Bilinear resample of a grid map at the centre of every original pixel → [H, W]."""
+    """Bilinear resample of a grid map at the centre of every original pixel → [H, W]; NaN where
+    the model never saw the pixel (cropped away)."""
     rows, cols = grid_map.shape
     width, height = geometry.image_size
     x0, y0, x1, y1 = geometry.grid_box
     gx = ((np.arange(width) + 0.5) - x0) / ((x1 - x0) / cols) - 0.5   # pixel centre → grid coordinate
     gy = ((np.arange(height) + 0.5) - y0) / ((y1 - y0) / rows) - 0.5
     yy, xx = np.meshgrid(gy, gx, indexing="ij")
-    return ndimage.map_coordinates(grid_map, [yy, xx], order=1, mode="nearest")
+    heat = ndimage.map_coordinates(grid_map, [yy, xx], order=1, mode="nearest")
+    seen = (np.abs(yy + 0.5 - rows / 2) <= rows / 2) & (np.abs(xx + 0.5 - cols / 2) <= cols / 2)
+    heat[~seen] = np.nan
+    return heat
 
 
 def _convex_fill(component: np.ndarray) -> np.ndarray:
-    """The component's convex hull as a mask (pixel squares' corners, so thin shapes survive)."""
+    """The component filled to the convex hull of its pixel centres."""
     ys, xs = np.nonzero(component)
-    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
+    points = np.stack([xs, ys], axis=1)
     try:
-        hull = corners[ConvexHull(corners).vertices]
-    except QhullError:  # collinear: the component is already its own hull
+        hull = points[ConvexHull(points).vertices]
+    except QhullError:  # fewer than 3 points or collinear: already convex
         return component
     canvas = Image.new("1", (component.shape[1], component.shape[0]), 0)
-    # Pixel (u, v) is filled when its centre lies inside the hull polygon.
-    ImageDraw.Draw(canvas).polygon([(float(x) - 0.5, float(y) - 0.5) for x, y in hull], fill=1)
+    # PIL puts pixel (u, v)'s centre at integer (u, v): the hull's vertices are pixel indices.
+    ImageDraw.Draw(canvas).polygon([(int(x), int(y)) for x, y in hull], fill=1)
     return np.asarray(canvas, dtype=bool) | component
 
 
 def mask_from_heat(heat: np.ndarray, method: str = "largest_hull") -> np.ndarray:
-    """Binary mask [H, W] from an image-resolution heat map."""
+    """Binary mask [H, W] from an image-resolution heat map (NaN = unseen, never foreground)."""
     if method not in MASK_METHODS:
         raise ValueError(f"logic.mask.method={method!r} is unknown; use one of {MASK_METHODS}")
-    foreground = heat > heat.mean()
+    foreground = heat > np.nanmean(heat)
     if method == "mean_relu" or not foreground.any():
         return foreground
     labels, num = ndimage.label(foreground, structure=_EIGHT)
     sizes = np.bincount(labels.ravel())[1:]
-    return _convex_fill(labels == (int(np.argmax(sizes)) + 1))
+    return _convex_fill(labels == (int(np.argmax(sizes)) + 1)) & ~np.isnan(heat)
 
 
 def box_from_mask(mask: np.ndarray) -> list[float] | None:

@@ -41,13 +41,11 @@ class AttentionCapture:
 
     def layers(self, step: int, num_layers: int) -> torch.Tensor:
         """[L, B, H, N] rows of one step; a missing layer is an error, never an empty result."""
-        if step >= len(self.steps):
-            raise RuntimeError(f"attention capture has no step {step} (recorded {len(self.steps)})")
-        got = self.steps[step]
+        got = self.steps[step] if step < len(self.steps) else {}
         missing = [i for i in range(num_layers) if i not in got]
         if missing:
-            raise RuntimeError(f"attention capture missed layers {missing[:5]}: the language model does not "
-                               f"dispatch attention through transformers' AttentionInterface")
+            raise RuntimeError(f"attention capture missed layers {missing[:5]} of step {step}: the language model "
+                               f"does not run attn_implementation={CAPTURE_ATTN!r} through transformers' AttentionInterface")
         return torch.stack([got[i] for i in range(num_layers)])
 
 

@@ -84,7 +84,8 @@ def generate_then_capture(adapter: Adapter, prepared: Prepared, *, attn_capture:
     """Generate, then capture the FIRST GENERATED token's row by one forward pass over prompt +
     that token (the same softmax as decode step 1, any decoding strategy). The reference code read
     the prefill's row 0 (BOS, which sees no image) instead."""
-    out = adapter.model.generate(**prepared.inputs, return_dict_in_generate=True, **(gen_kwargs or {}))
+    out = adapter.model.generate(**prepared.inputs, return_dict_in_generate=True,
+                                 **adapter.generate_kwargs, **(gen_kwargs or {}))
     texts = adapter.decode_generated(out.sequences, prepared)
     prompt_len = prepared.inputs["input_ids"].shape[1] if "input_ids" in prepared.inputs else 0
     if out.sequences.shape[1] <= prompt_len:

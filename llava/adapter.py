@@ -48,6 +48,8 @@ class Adapter:
     device: torch.device
     dtype: torch.dtype
     image_token: str = "<image>"
+    # Extra arguments for model.generate (e.g. never emit the image placeholder).
+    generate_kwargs: dict = {}
 
     def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
         raise NotImplementedError

@@ -31,6 +31,8 @@ class HFLlavaAdapter(Adapter):
         ).to(device).eval()
         config = self.model.config
         self.image_token_id = config.image_token_id
+        # A generated placeholder would be expanded again as an image on the capture pass.
+        self.generate_kwargs = {"suppress_tokens": [self.image_token_id]}
         self.num_layers = config.text_config.num_hidden_layers
         self.num_heads = config.text_config.num_attention_heads
         side = config.vision_config.image_size // config.vision_config.patch_size
