@@ -4,7 +4,8 @@
 2. M is resampled at every original pixel's centre through the recorded geometry (the grid spans
    `grid_box`, e.g. the padded square), so padding never reaches the image and non-square images
    are not stretched                                                   [H, W]
-3. foreground = M > mean(M), the mean over image pixels the model saw (not padding, not cropped)
+3. foreground = M > mean(M), the mean over image pixels the model saw (not padding, not cropped);
+   or M > max(M)/2 with logic.mask.threshold=half_max
 4. "largest_hull" (paper): largest 8-connected region, filled to its convex hull;
    "mean_relu" (reference code): every foreground pixel
 5. box = tight box of the mask, xyxy in pixels, half-open/continuous: [x0, y0, x1, y1] covers
@@ -22,17 +23,21 @@ from llava.geometry import Geometry
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 MASK_METHODS = ("largest_hull", "mean_relu")
+THRESHOLDS = ("mean", "half_max")
+
+
+def smooth(grid_map: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing on the grid; σ = 1 with truncate 3 is the paper's 7×7 kernel."""
+    return ndimage.gaussian_filter(grid_map, sigma, mode="nearest", truncate=3.0) if sigma > 0 else grid_map
 
 
 def combine_heads(attn, grid: tuple[int, int], heads: list[tuple[int, int]], sigma: float) -> np.ndarray:
-    """Sum of the smoothed maps of heads [(layer, head), ...] → grid (rows, cols), float64.
-    σ = 1 with truncate 3 is the paper's 7×7 Gaussian kernel."""
+    """Sum of the smoothed maps of heads [(layer, head), ...] → grid (rows, cols), float64."""
     maps = head_maps(attn, grid)                                      # [L·H, rows, cols]
     num_heads = attn.shape[1]
     combined = np.zeros(grid, dtype=np.float64)
     for layer, head in heads:
-        a = maps[layer * num_heads + head]
-        combined += ndimage.gaussian_filter(a, sigma, mode="nearest", truncate=3.0) if sigma > 0 else a
+        combined += smooth(maps[layer * num_heads + head], sigma)
     return combined
 
 
@@ -65,11 +70,18 @@ def _convex_fill(component: np.ndarray) -> np.ndarray:
     return np.asarray(canvas, dtype=bool) | component
 
 
-def mask_from_heat(heat: np.ndarray, method: str = "largest_hull") -> np.ndarray:
-    """Binary mask [H, W] from an image-resolution heat map (NaN = unseen, never foreground)."""
+def mask_from_heat(heat: np.ndarray, method: str = "largest_hull", threshold: str = "mean") -> np.ndarray:
+    """Binary mask [H, W] from an image-resolution heat map (NaN = unseen, never foreground).
+
+    threshold "mean" (paper, reference code) keeps everything above the average, which on a sharp
+    map with little background also keeps the smoothing halo; "half_max" keeps what is above half
+    the peak (the full width at half maximum)."""
     if method not in MASK_METHODS:
         raise ValueError(f"logic.mask.method={method!r} is unknown; use one of {MASK_METHODS}")
-    foreground = heat > np.nanmean(heat)
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"logic.mask.threshold={threshold!r} is unknown; use one of {THRESHOLDS}")
+    level = np.nanmean(heat) if threshold == "mean" else 0.5 * np.nanmax(heat)
+    foreground = heat > level
     if method == "mean_relu" or not foreground.any():
         return foreground
     labels, num = ndimage.label(foreground, structure=_EIGHT)
@@ -85,10 +97,16 @@ def box_from_mask(mask: np.ndarray) -> list[float] | None:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
+def locate(grid_map: np.ndarray, geometry: Geometry, mask_cfg) -> dict:
+    """Steps 2–5 for a combined grid map (rows, cols): {"grid_map", "heat", "mask", "bbox_xyxy"}.
+    mask_cfg: logic.mask (method, threshold)."""
+    heat = grid_to_image(grid_map, geometry)
+    mask = mask_from_heat(heat, str(mask_cfg.method), str(mask_cfg.get("threshold", "mean")))
+    return {"grid_map": grid_map, "heat": heat, "mask": mask, "bbox_xyxy": box_from_mask(mask)}
+
+
 def localize(attn, meta: dict, heads: list[tuple[int, int]], logic) -> dict:
-    """{"grid_map" (rows, cols), "heat" [H, W], "mask" [H, W] bool, "bbox_xyxy" or None}."""
+    """Heads [(layer, head), ...] of attn [L, H, 1, V] → heat map, mask and box (see locate)."""
     geometry = Geometry.from_dict(meta["geometry"])
     grid_map = combine_heads(attn, geometry.grid, heads, float(logic.smoothing.sigma))
-    heat = grid_to_image(grid_map, geometry)
-    mask = mask_from_heat(heat, str(logic.mask.method))
-    return {"grid_map": grid_map, "heat": heat, "mask": mask, "bbox_xyxy": box_from_mask(mask)}
+    return locate(grid_map, geometry, logic.mask)

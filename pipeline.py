@@ -390,6 +390,14 @@ def _write_failures(out_dir: Path, failures: list[dict]) -> None:
 
 # ---------------------------------------------------------------- entrypoint
 
+def compose(*overrides: str) -> DictConfig:
+    """The config `python pipeline.py <overrides>` would run with (for scripts and tests)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
 def run(cfg: DictConfig):
     stage = str(cfg.stage)
     if stage not in STAGES:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import pipeline
@@ -23,9 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_stage(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return pipeline.run(cfg)
+    return pipeline.run(pipeline.compose(*overrides))
 
 
 def common(checkpoint: Path, out: Path) -> list[str]:
