@@ -57,6 +57,7 @@ def chord_elbow(values) -> float:
 def spatial_entropy(maps: np.ndarray, method: str = "size", binarize_threshold: float = 0.001
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Entropy [N] and component count [N] of maps [N, rows, cols] (see module docstring)."""
+    maps = np.asarray(maps, dtype=np.float64)   # fp16 means/sums flip foreground cells and give P > 1
     n = maps.shape[0]
     mean = maps.mean(axis=(1, 2), keepdims=True)
     if method == "size":
