@@ -80,7 +80,10 @@ def mask_from_heat(heat: np.ndarray, method: str = "largest_hull", threshold: st
         raise ValueError(f"logic.mask.method={method!r} is unknown; use one of {MASK_METHODS}")
     if threshold not in THRESHOLDS:
         raise ValueError(f"logic.mask.threshold={threshold!r} is unknown; use one of {THRESHOLDS}")
-    level = np.nanmean(heat) if threshold == "mean" else 0.5 * np.nanmax(heat)
+    peak, floor = np.nanmax(heat), np.nanmin(heat)
+    if peak - floor <= 1e-9 * max(abs(peak), 1e-30):   # a flat map localizes nothing (rounding is no signal)
+        return np.zeros(heat.shape, dtype=bool)
+    level = np.nanmean(heat) if threshold == "mean" else 0.5 * peak
     foreground = heat > level
     if method == "mean_relu" or not foreground.any():
         return foreground

@@ -33,6 +33,8 @@ from llava.geometry import Geometry, compute_geometry
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "toy-llava"
 CALIB_SEED, TEST_SEED = 1001, 2002
+# The box step's foreground threshold: the paper's (mean) and the half-maximum variant.
+THRESHOLDS = ("mean", "half_max")
 RESULTS_MARK = "## Results with the tool"
 
 
@@ -76,7 +78,9 @@ def answer_box(text: str, width: int, height: int, sizes: dict) -> list[float] |
     return [cx - fw * width / 2, cy - fh * height / 2, cx + fw * width / 2, cy + fh * height / 2]
 
 
-def measure(calib_scenes: int, test_scenes: int, out: Path, k: int = 3, toy: Toy | None = None) -> dict:
+def measure(calib_scenes: int, test_scenes: int, out: Path, k: int = 3, toy: Toy | None = None,
+            thresholds: tuple[str, ...] = THRESHOLDS, answer: bool = True) -> dict:
+    """The whole protocol; `thresholds` and `answer` trim it for quick runs (tests)."""
     toy = toy or Toy()
     run = toy.run
     started = time.time()
@@ -96,22 +100,25 @@ def measure(calib_scenes: int, test_scenes: int, out: Path, k: int = 3, toy: Toy
         selected = run("stage=select", f"logic={logic}", f"logic.select.k={k}", f"data.attention_dir={attention_dir}")
         heads_file = out / f"selected_heads_{logic}.json"
         heads_file.write_text((attention_dir / "selected_heads.json").read_text())
+        entry = {"selected_heads": selected["heads"], "tau": selected["tau"], "counts": selected["counts"][:8],
+                 "designated_found": sorted(map(tuple, selected["heads"])) == sorted(map(tuple, toy.designated_heads()))}
         # 2. test with the heads fixed, through the real batch and evaluate stages.
-        pred = out / f"test_{logic}"
-        run("stage=batch", f"data.data_file={test_dir / 'data.jsonl'}", "data.process_all=true", "data.batch_size=16",
-            f"data.output_dir={pred}", f"logic={logic}", f"logic.heads={heads_file}")
-        evaluation = run("stage=evaluate", f"data.data_file={test_dir / 'data.jsonl'}", f"data.output_dir={pred}")
-        report["logics"][logic] = {
-            "selected_heads": selected["heads"], "tau": selected["tau"],
-            "counts": selected["counts"][:8],
-            "designated_found": sorted(map(tuple, selected["heads"])) == sorted(map(tuple, toy.designated_heads())),
-            "acc@0.5": evaluation["acc@0.5"], "miou": evaluation["miou"], "missing": evaluation["missing"],
-        }
+        for threshold in thresholds:
+            pred = out / f"test_{logic}_{threshold}"
+            run("stage=batch", f"data.data_file={test_dir / 'data.jsonl'}", "data.process_all=true",
+                "data.batch_size=16", f"data.output_dir={pred}", f"logic={logic}", f"logic.heads={heads_file}",
+                f"logic.mask.threshold={threshold}")
+            evaluation = run("stage=evaluate", f"data.data_file={test_dir / 'data.jsonl'}", f"data.output_dir={pred}")
+            entry[threshold] = {"acc@0.5": evaluation["acc@0.5"], "miou": evaluation["miou"],
+                                "missing": evaluation["missing"]}
+        report["logics"][logic] = entry
 
     # 3. baselines on the test attention files (collected in step 2 under logic=paper).
     designated = {tuple(h) for h in toy.designated_heads()}
-    report["baselines"] = baselines(test_rows, out / "test_paper" / toy.subdir, calib_rows, test_scenes, k, designated)
-    report["model_answer"] = model_answer_baseline(toy, test_rows, test_dir, out, calib_rows)
+    report["baselines"] = {t: baselines(test_rows, out / f"test_paper_{thresholds[0]}" / toy.subdir, calib_rows, test_scenes, k,
+                                        designated, t) for t in thresholds}
+    if answer:
+        report["model_answer"] = model_answer_baseline(toy, test_rows, test_dir, out, calib_rows)
     report["wall_seconds"] = round(time.time() - started, 1)
     return report
 
@@ -126,8 +133,9 @@ def mean_size_fractions(rows: list[dict]) -> dict:
     return sizes
 
 
-def baselines(test_rows, pred_dir: Path, calib_rows, test_scenes: int, k: int, designated: set) -> dict:
-    paper = pipeline.compose("model=toy", "logic=paper").logic
+def baselines(test_rows, pred_dir: Path, calib_rows, test_scenes: int, k: int, designated: set,
+              threshold: str) -> dict:
+    paper = pipeline.compose("model=toy", "logic=paper", f"logic.mask.threshold={threshold}").logic
     sizes = mean_size_fractions(calib_rows)
     masks = scene_masks(test_scenes, TEST_SEED)
     ious: dict[str, list[float]] = {"centre box (mean object size)": [], "whole image": [], "mean of all heads": [],
@@ -188,20 +196,27 @@ def format_report(report: dict) -> str:
     lines = [f"Calibration: {report['calib']['expressions']} expressions ({report['calib']['scenes']} scenes, seed "
              f"{report['calib']['seed']}); test: {n} expressions ({report['test']['scenes']} scenes, seed "
              f"{report['test']['seed']}). Designated heads: "
-             + ", ".join(f"L{l}H{h}" for l, h in report["designated_heads"]) + ".", "",
-             "| method | heads | Acc@0.5 | mIoU |", "|---|---|---|---|"]
+             + ", ".join(f"L{l}H{h}" for l, h in report["designated_heads"]) + ". "
+             "Box step: logic=paper's (σ=1, largest region's hull) with the foreground threshold at the mean "
+             "(paper) or at half the maximum.", "",
+             "| method | heads | Acc@0.5 (mean) | mIoU (mean) | Acc@0.5 (half max) | mIoU (half max) |",
+             "|---|---|---|---|---|---|"]
     for logic, r in report["logics"].items():
         heads = ", ".join(f"L{l}H{h}" for l, h in r["selected_heads"])
-        lines.append(f"| selected heads, fixed (logic={logic}) | {heads}{' = designated' if r['designated_found'] else ''} "
-                     f"| {r['acc@0.5']:.3f} ± {se(r['acc@0.5']):.3f} | {r['miou']:.3f} |")
-    for name, r in report["baselines"].items():
+        cells = " | ".join(f"{r[t]['acc@0.5']:.3f} ± {se(r[t]['acc@0.5']):.3f} | {r[t]['miou']:.3f}" for t in THRESHOLDS)
+        lines.append(f"| selected heads, fixed (logic={logic}) | {heads}{' = designated' if r['designated_found'] else ''} | {cells} |")
+    for name in report["baselines"][THRESHOLDS[0]]:
         if name in ("single heads", "best free head"):
             continue
-        lines.append(f"| {name} | | {r['acc@0.5']:.3f} | {r['miou']:.3f} |")
+        cells = " | ".join(f"{report['baselines'][t][name]['acc@0.5']:.3f} | {report['baselines'][t][name]['miou']:.3f}"
+                           for t in THRESHOLDS)
+        lines.append(f"| {name} | | {cells} |")
     answer = report["model_answer"]
-    lines.append(f"| model's own answer as a box (ninth of the canvas, mean size) | | {answer['acc@0.5']:.3f} | {answer['miou']:.3f} |")
-    best = report["baselines"]["best free head"]
-    lines += ["", f"Best free (non-designated) head alone: {best['head']} Acc@0.5 {best['acc@0.5']:.3f}. "
+    lines.append(f"| model's own answer as a box (ninth of the canvas, mean size) | | {answer['acc@0.5']:.3f} | "
+                 f"{answer['miou']:.3f} | {answer['acc@0.5']:.3f} | {answer['miou']:.3f} |")
+    best = {t: report["baselines"][t]["best free head"] for t in THRESHOLDS}
+    lines += ["", "Best free (non-designated) head alone: "
+              + "; ".join(f"{best[t]['head']} Acc@0.5 {best[t]['acc@0.5']:.3f} ({t})" for t in THRESHOLDS) + ". "
               f"Answer exact match (colour shape size hpos vpos): {answer['answer_exact']:.3f}. "
               f"Wall time {report['wall_seconds']} s on this machine."]
     return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""The paper's protocol end to end on the bundled toy model, whose localization heads are known:
+calibrate on one generated set (batch → select), test on another with the heads fixed (batch →
+evaluate), and compare with the baselines and with what the model card reports."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lab import toy_report
+
+CARD = toy_report.MODEL_DIR / "results.json"
+pytestmark = pytest.mark.skipif(not CARD.is_file(), reason="the toy model's results.json is not committed yet")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return toy_report.measure(calib_scenes=40, test_scenes=60, out=tmp_path_factory.mktemp("toy"),
+                              thresholds=("half_max",), answer=False)
+
+
+def card() -> dict:
+    return json.loads(CARD.read_text())
+
+
+@pytest.mark.parametrize("logic", ["paper", "selection_v1"])
+def test_selection_finds_the_designated_heads(report, logic):
+    """Voting over the calibration set returns exactly the heads the model was trained to have."""
+    assert sorted(map(tuple, report["logics"][logic]["selected_heads"])) == sorted(map(tuple, report["designated_heads"]))
+
+
+def test_accuracy_matches_the_model_card_and_beats_every_baseline(report):
+    n = report["test"]["expressions"]
+    measured = report["logics"]["paper"]["half_max"]["acc@0.5"]
+    reported = card()["logics"]["paper"]["half_max"]["acc@0.5"]
+    noise = 3 * math.sqrt(reported * (1 - reported) / n)    # three binomial standard errors
+    assert measured >= reported - noise, f"Acc@0.5 {measured:.3f} on {n}, card says {reported:.3f}"
+    baselines = report["baselines"]["half_max"]
+    for name, result in baselines.items():
+        if name.startswith("oracle") or name == "single heads":
+            continue
+        assert measured > result["acc@0.5"], f"{name}: {result['acc@0.5']:.3f} ≥ {measured:.3f}"
+    assert report["logics"]["paper"]["half_max"]["missing"] == 0
