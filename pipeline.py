@@ -225,13 +225,18 @@ def stage_select(cfg: DictConfig) -> dict:
     files = sorted(p for p in folder.glob("*.pkl") if not p.name.endswith("_analysis.pkl"))
     if not files:
         raise InputError(f"{folder}: no attention files (<id>.pkl); run stage=batch first or set data.attention_dir")
-    tables, models = [], set()
+    tables, models, held_out = [], set(), []
     for p in files:
         record = load_attention(p)
         models.add(record["meta"].get("model_name"))
+        if record["meta"].get("split", "train") != "train":
+            held_out.append(f"{p.name} (split={record['meta']['split']})")
         tables.append(analysis.measure_heads(record["attn"], tuple(record["meta"]["grid"]), cfg.logic))
     if len({(t.attn_sum.size, t.num_heads) for t in tables}) != 1:
         raise InputError(f"{folder}: attention files of different model shapes; select one model at a time")
+    if held_out and not cfg.logic.select.allow_non_train:
+        raise InputError(f"{folder}: {len(held_out)} attention files come from non-train rows, e.g. {held_out[0]}; "
+                         "heads must be selected on training data (logic.select.allow_non_train=true to override)")
     result = analysis.select_heads(tables, cfg.logic)
     result.update(model=sorted(m for m in models if m), logic=OmegaConf.to_container(cfg.logic, resolve=True),
                   attention_dir=str(folder))
@@ -354,6 +359,8 @@ def _collect_items(adapter, items, cfg: DictConfig):
             continue
         for (row, path, _), record in zip(group, records):
             record["meta"].update(image_file=path, id=str(row["id"]))
+            if "split" in row:  # stage=select refuses non-train rows unless told otherwise
+                record["meta"]["split"] = str(row["split"])
             yield str(row["id"]), record
 
 

@@ -218,3 +218,18 @@ def test_centre_crop_processor_is_recorded_and_undone(hf_crop_checkpoint, images
     assert (x0, y0, x1, y1) == pytest.approx((16, 0, 80, 64), abs=1e-6)   # 96×64 → 84×56 → crop 56
     bx0, _, bx1, _ = summary["bbox_xyxy"]
     assert 16 <= bx0 < bx1 <= 80
+
+
+def test_select_refuses_held_out_rows_unless_told(hf_checkpoint, images, tmp_path):
+    """Heads are selected on training data: rows whose JSONL split is val/test are refused."""
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "a", "prompt": "a cat", "image_path": str(images["wide"]), "split": "train"},
+        {"id": "b", "prompt": "a dog", "image_path": str(images["tall"]), "split": "val"}])
+    base = common(hf_checkpoint, tmp_path)
+    run_stage("stage=batch", *base, f"data.data_file={data}", "data.process_all=true", "logic=paper")
+    with pytest.raises(InputError, match="b.pkl \\(split=val\\)"):
+        run_stage("stage=select", *base, "logic=paper")
+    result = run_stage("stage=select", *base, "logic=paper", "logic.select.allow_non_train=true")
+    assert result["n_samples"] == 2 and len(result["heads"]) == 3
+    csv_rows = (outputs(tmp_path, hf_checkpoint) / "selected_heads_counts.csv").read_text().splitlines()
+    assert csv_rows[0] == "layer,head,count,frequency" and sum(int(r.split(",")[2]) for r in csv_rows[1:]) <= 2 * 10
