@@ -62,6 +62,20 @@ def _stem(path: Path) -> str:
     return path.name[: -len(".pkl")] if path.name.endswith(".pkl") else path.stem
 
 
+def collect_settings(cfg: DictConfig) -> dict:
+    """What an attention file depends on besides its image and query (kept in its meta)."""
+    keys = ("conv_mode", "attn_capture", "use_generate", "max_new_tokens", "do_sample", "num_beams", "dtype")
+    return {"model": model_path(str(cfg.model.name)), **{k: cfg.model.get(k) for k in keys},
+            "attn_dtype": str(cfg.data.attn_dtype)}   # plain str/int/bool: survives weights-only loading
+
+
+def box_settings(cfg: DictConfig) -> dict:
+    """What a box depends on besides the attention: the logic, with fixed heads resolved."""
+    heads, _ = fixed_heads(cfg.logic)
+    # As it reads back from <id>_bbox.json, so a rerun compares like with like.
+    return json.loads(json.dumps({"logic": OmegaConf.to_container(cfg.logic, resolve=True), "heads": heads}))
+
+
 def gen_kwargs(cfg: DictConfig) -> dict:
     return {"max_new_tokens": int(cfg.model.max_new_tokens), "do_sample": bool(cfg.model.do_sample),
             "num_beams": int(cfg.model.num_beams)}
@@ -151,6 +165,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
         "heads_source": source,
         "logic": str(cfg.logic.name),
         "mask_method": str(cfg.logic.mask.method),
+        "settings": box_settings(cfg),
     }
     # The bbox file is written last: its presence marks the item complete (batch resume).
     atomic_write_json(safe_output_path(out_dir, item_id, "_bbox.json"), summary)
@@ -177,7 +192,7 @@ def stage_collect(cfg: DictConfig, adapter=None) -> Path:
     adapter = adapter or load_adapter_from(cfg)
     record = collect(adapter, [image], [cfg.data.query], attn_capture=str(cfg.model.attn_capture),
                      use_generate=bool(cfg.model.use_generate), gen_kwargs=gen_kwargs(cfg))[0]
-    record["meta"]["image_file"] = str(cfg.data.image_file)
+    record["meta"].update(image_file=str(cfg.data.image_file), collect_settings=collect_settings(cfg))
     path = safe_output_path(model_dir(cfg), str(cfg.data.id), ".pkl")
     save_attention(path, record, attn_dtype(cfg))
     log.info("attention [L, H, 1, V] = %s → %s", list(record["attn"].shape), path)
@@ -279,9 +294,22 @@ class _RowImages(torch.utils.data.Dataset):
             return lineno, row, str(path), None, str(e)
 
 
-def _complete(out_dir: Path, item_id: str, figure_suffix: str | None) -> bool:
-    needed = [".pkl", "_analysis.pkl", "_mask.png", "_bbox.json"] + ([figure_suffix] if figure_suffix else [])
-    return all((out_dir / f"{item_id}{s}").is_file() for s in needed)
+def _resume_state(out_dir: Path, item_id: str, cfg: DictConfig, figure: str | None) -> str:
+    """"done" (outputs complete for these settings), "rebox" (attention is there and current: redo
+    only analysis and box, no model), or "collect"."""
+    attn_file = out_dir / f"{item_id}.pkl"
+    if not cfg.data.resume or not attn_file.is_file():
+        return "collect"
+    try:
+        current = load_attention(attn_file)["meta"].get("collect_settings") == collect_settings(cfg)
+        summary = json.loads((out_dir / f"{item_id}_bbox.json").read_text())
+    except (InputError, OSError, json.JSONDecodeError):
+        return "rebox" if current else "collect"
+    if not current:
+        return "collect"
+    outputs = ["_analysis.pkl", "_mask.png"] + ([figure] if figure else [])
+    complete = all((out_dir / f"{item_id}{s}").is_file() for s in outputs)
+    return "done" if complete and summary.get("settings") == box_settings(cfg) else "rebox"
 
 
 def select_rows(cfg: DictConfig) -> tuple[list[tuple[int, dict]], Path]:
@@ -304,29 +332,33 @@ def stage_batch(cfg: DictConfig) -> dict:
     rows, base = select_rows(cfg)
     out_dir = model_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fixed_heads(cfg.logic)  # a bad heads file fails now, not on every row
-    figure = bool(cfg.data.visualize_batch)
-    k = len(fixed_heads(cfg.logic)[0] or []) or int(cfg.logic.top_k)
-    todo = [r for r in rows if not (cfg.data.resume and _complete(out_dir, str(r[1]["id"]), f"_top{k}.png" if figure else None))]
-    log.info("batch: %d rows, %d already complete, %d to run → %s", len(rows), len(rows) - len(todo), len(todo), out_dir)
+    heads, _ = fixed_heads(cfg.logic)  # a bad heads file fails now, not on every row
+    figure = f"_top{len(heads) if heads else int(cfg.logic.top_k)}.png" if cfg.data.visualize_batch else None
+    state = {str(r[1]["id"]): _resume_state(out_dir, str(r[1]["id"]), cfg, figure) for r in rows}
+    todo = [r for r in rows if state[str(r[1]["id"])] == "collect"]
+    rebox = [str(r[1]["id"]) for r in rows if state[str(r[1]["id"])] == "rebox"]
+    log.info("batch: %d rows: %d complete, %d to redo from saved attention, %d to run through the model → %s",
+             len(rows), len(rows) - len(todo) - len(rebox), len(rebox), len(todo), out_dir)
     failures: list[dict] = []
-    done = 0
-    if todo:
-        adapter = load_adapter_from(cfg)
-        loader = torch.utils.data.DataLoader(_RowImages(todo, base), batch_size=int(cfg.data.batch_size),
-                                             num_workers=int(cfg.data.num_workers), collate_fn=list)
-        dtype = attn_dtype(cfg)
-        # Saving, analysis, boxes and figures run on one writer thread while the model works.
-        with ThreadPoolExecutor(max_workers=1) as writer:
-            pending: list[tuple[str, Future]] = []
+    dtype = attn_dtype(cfg)
+    # Saving, analysis, boxes and figures run on one writer thread while the model works.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: list[tuple[str, Future]] = [
+            (item_id, writer.submit(_finish_item, out_dir, item_id, None, cfg, dtype, bool(figure))) for item_id in rebox]
+        done = 0
+        if todo:
+            adapter = load_adapter_from(cfg)
+            loader = torch.utils.data.DataLoader(_RowImages(todo, base), batch_size=int(cfg.data.batch_size),
+                                                 num_workers=int(cfg.data.num_workers), collate_fn=list)
             for items in loader:
                 for item_id, record_or_error in _collect_items(adapter, items, cfg):
                     if isinstance(record_or_error, str):
                         failures.append({"id": item_id, "error": record_or_error})
                         continue
-                    pending.append((item_id, writer.submit(_finish_item, out_dir, item_id, record_or_error, cfg, dtype, figure)))
+                    pending.append((item_id, writer.submit(_finish_item, out_dir, item_id, record_or_error, cfg,
+                                                           dtype, bool(figure))))
                 done += _drain(pending, failures, block=False)
-            done += _drain(pending, failures, block=True)
+        done += _drain(pending, failures, block=True)
     _write_failures(out_dir, failures)
     log.info("batch: %d written, %d failed%s", done, len(failures),
              f" (listed in {out_dir / 'failures.jsonl'})" if failures else "")
@@ -358,14 +390,18 @@ def _collect_items(adapter, items, cfg: DictConfig):
             yield str(group[0][0]["id"]), f"{e.__class__.__name__}: {e}"
             continue
         for (row, path, _), record in zip(group, records):
-            record["meta"].update(image_file=path, id=str(row["id"]))
+            record["meta"].update(image_file=path, id=str(row["id"]), collect_settings=collect_settings(cfg))
             if "split" in row:  # stage=select refuses non-train rows unless told otherwise
                 record["meta"]["split"] = str(row["split"])
             yield str(row["id"]), record
 
 
-def _finish_item(out_dir: Path, item_id: str, record: dict, cfg: DictConfig, dtype: torch.dtype, figure: bool):
-    save_attention(safe_output_path(out_dir, item_id, ".pkl"), record, dtype)
+def _finish_item(out_dir: Path, item_id: str, record: dict | None, cfg: DictConfig, dtype: torch.dtype, figure: bool):
+    """Save a fresh record (record=None: reuse the saved attention) and write its outputs."""
+    if record is None:
+        record = load_attention(out_dir / f"{item_id}.pkl")
+    else:
+        save_attention(safe_output_path(out_dir, item_id, ".pkl"), record, dtype)
     result = run_analysis(record, cfg)
     write_outputs(out_dir, item_id, record, result, cfg, figure=figure)
 

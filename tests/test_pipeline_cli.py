@@ -233,3 +233,25 @@ def test_select_refuses_held_out_rows_unless_told(hf_checkpoint, images, tmp_pat
     assert result["n_samples"] == 2 and len(result["heads"]) == 3
     csv_rows = (outputs(tmp_path, hf_checkpoint) / "selected_heads_counts.csv").read_text().splitlines()
     assert csv_rows[0] == "layer,head,count,frequency" and sum(int(r.split(",")[2]) for r in csv_rows[1:]) <= 2 * 10
+
+
+def test_rerun_with_new_heads_redoes_boxes_from_saved_attention(hf_checkpoint, images, tmp_path, monkeypatch):
+    """Resume knows what outputs depend on: new logic or heads → boxes are redone from the saved
+    attention without loading the model; new collection settings → the model runs again."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "wide", "prompt": "a cat", "image_path": str(images["wide"])}])
+    args = ["stage=batch", *common(hf_checkpoint, tmp_path), f"data.data_file={data}", "data.process_all=true",
+            "logic=paper"]
+    run_stage(*args)
+    folder = outputs(tmp_path, hf_checkpoint)
+    attn_stamp = (folder / "wide.pkl").stat().st_mtime_ns
+    loads = []
+    real = pipeline.load_adapter_from
+    monkeypatch.setattr(pipeline, "load_adapter_from", lambda cfg: loads.append(1) or real(cfg))
+    result = run_stage(*args, "logic.heads=[[1,1]]")
+    summary = json.loads((folder / "wide_bbox.json").read_text())
+    assert result["written"] == 1 and loads == []
+    assert [(h["layer"], h["head"]) for h in summary["selected_heads"]] == [(1, 1)]
+    assert (folder / "wide.pkl").stat().st_mtime_ns == attn_stamp
+    assert run_stage(*args, "logic.heads=[[1,1]]")["written"] == 0        # now complete
+    run_stage(*args, "logic.heads=[[1,1]]", "model.conv_mode=referseg")
+    assert loads == [1] and (folder / "wide.pkl").stat().st_mtime_ns != attn_stamp
