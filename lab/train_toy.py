@@ -1,0 +1,397 @@
+"""Trains the bundled toy LLaVA on the shapes world, with localization heads induced on purpose.
+
+The model is a real `transformers.LlavaForConditionalGeneration` (small CLIP tower, small Llama),
+saved in HF format so the pipeline loads it with AutoModelForImageTextToText / AutoProcessor.
+Prompt: "<image>\\n" + expression (the pipeline's "plain" template); the model then answers
+"colour shape size hpos vpos </s>" about the referent. Two losses:
+  (a) next-token cross-entropy on the answer tokens only;
+  (b) for 3 DESIGNATED heads, cross-entropy between the oracle grid map of the referent
+      (lab.toyworld.oracle_grid_map, normalised) and the head's attention row of the LAST PROMPT
+      TOKEN restricted to the 196 image keys (softmax over all keys, not renormalised, so it also
+      pushes the head's image mass up).
+The designated heads are the known answer a head-discovery method should recover.
+
+CLI: python -m lab.train_toy --out models/toy-llava --seed 0 --minutes 28   (or --steps N)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from lab import toyworld as tw
+
+DESIGNATED_HEADS = [(2, 1), (3, 2), (4, 0)]  # (layer, head), 0-based, of 6 layers x 4 heads
+IMAGE_SIZE, PATCH = 112, 8
+N_IMG = (IMAGE_SIZE // PATCH) ** 2  # 196 image tokens, grid (14, 14)
+RECIPE = {
+    "vision": {"image_size": IMAGE_SIZE, "patch_size": PATCH, "hidden_size": 96, "intermediate_size": 384,
+               "num_hidden_layers": 4, "num_attention_heads": 4, "vision_feature_layer": -2},
+    "text": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 6, "num_attention_heads": 4},
+    "batch_size": 16, "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 40, "min_lr_frac": 0.05,
+    "aux_weight": 2.0, "grad_clip": 1.0, "eval_every": 150, "eval_size": 300, "save_every_s": 180,
+    # Fraction of 1-object scenes kept in training: they teach no referent selectivity.
+    "single_object_keep": 1.0,
+}
+
+
+# ----------------------------------------------------------------------------- model / processor
+
+def build_processor():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    vocab = {w: i for i, w in enumerate(tw.VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # A BOS first, as in LLaVA: gives heads a place to park attention they don't need.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    ft = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                 eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    ip = LlavaImageProcessorPil(do_pad=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
+                                crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaProcessor(image_processor=ip, tokenizer=ft, patch_size=PATCH, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, image_token="<image>")
+
+
+def build_model(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    v, t = RECIPE["vision"], RECIPE["text"]
+    vc = CLIPVisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
+                          intermediate_size=v["intermediate_size"], num_hidden_layers=v["num_hidden_layers"],
+                          num_attention_heads=v["num_attention_heads"], projection_dim=v["hidden_size"])
+    tc = LlamaConfig(vocab_size=vocab_size, hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                     num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+                     num_key_value_heads=t["num_attention_heads"], max_position_embeddings=512,
+                     pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id,
+                      vision_feature_layer=v["vision_feature_layer"], vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", image_seq_length=N_IMG)
+    model = LlavaForConditionalGeneration(cfg)
+    model.set_attn_implementation("eager")  # the aux loss needs the attention probabilities
+    return model
+
+
+# ----------------------------------------------------------------------------- data
+
+def sample_batch(rng: np.random.Generator, n: int, processor, vocab: dict, single_keep: float = 1.0) -> dict:
+    """n (scene, expression) samples, one random expression per fresh scene, as model tensors.
+
+    input_ids [B, N] = <s> <image>*196 expression-words answer-words </s> <pad>...
+    """
+    images, prompts, answers, targets, metas = [], [], [], [], []
+    while len(images) < n:
+        scene = tw.make_scene(rng)
+        if len(scene.objects) == 1 and single_keep < 1.0 and rng.random() >= single_keep:
+            continue
+        i, expr = scene.expressions[int(rng.integers(len(scene.expressions)))]
+        obj = scene.objects[i]
+        cov = tw.oracle_grid_map(obj.mask, scene.width, scene.height)  # [14, 14]
+        attrs = obj.attrs(scene.width, scene.height)
+        images.append(scene.image)
+        prompts.append([vocab["<s>"]] + [vocab["<image>"]] * N_IMG + [vocab[w] for w in expr.split()])
+        answers.append([vocab[w] for w in tw.answer_words(attrs)] + [vocab["</s>"]])
+        targets.append(cov.reshape(-1) / cov.sum())  # row-major, as the patches are ordered
+        metas.append({"bbox": attrs["bbox"], "width": scene.width, "height": scene.height, "expr": expr})
+    lens = [len(p) + len(a) for p, a in zip(prompts, answers)]
+    ids = torch.full((n, max(lens)), vocab["<pad>"], dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    attn = torch.zeros_like(ids)
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        ids[b, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[b, len(p): len(p) + len(a)] = torch.tensor(a)
+        attn[b, : len(p) + len(a)] = 1
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return {"input_ids": ids, "attention_mask": attn, "pixel_values": pixels, "labels": labels,
+            "last_prompt": torch.tensor([len(p) - 1 for p in prompts]),
+            "target_map": torch.tensor(np.stack(targets), dtype=torch.float32), "meta": metas}
+
+
+# ----------------------------------------------------------------------------- losses / eval
+
+def forward(model, batch: dict, image_token_id: int):
+    """Answer loss, aux loss, and the designated heads' image rows [B, n_heads, 196]."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], output_attentions=True)
+    logits = out.logits[:, :-1]  # [B, N-1, V]: position t predicts token t+1
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    b_idx = torch.arange(len(batch["last_prompt"]))
+    img_pos = (batch["input_ids"][0] == image_token_id).nonzero().squeeze(1)  # [196], same in every row
+    rows = torch.stack([out.attentions[layer][b_idx, head, batch["last_prompt"]][:, img_pos]
+                        for layer, head in DESIGNATED_HEADS], dim=1)  # [B, n_heads, 196]
+    aux = -(batch["target_map"][:, None] * torch.log(rows + 1e-9)).sum(-1).mean()
+    return lm, aux, rows, logits
+
+
+def map_to_box(heat: np.ndarray, width: int, height: int) -> list:
+    """[14, 14] attention map -> box: cells above the mean, the component holding most mass."""
+    cells = heat > heat.mean()
+    lab, n = ndimage.label(cells, structure=np.ones((3, 3)))
+    if n > 1:
+        mass = ndimage.sum(heat, lab, index=np.arange(1, n + 1))
+        cells = lab == (1 + int(np.argmax(mass)))
+    return tw.cells_to_box(cells, width, height)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list, image_token_id: int) -> dict:
+    """Held-out answer accuracy and the designated heads' box Acc@0.5."""
+    model.eval()
+    tok_ok = tok_n = ans_ok = n = hit = hit_each = img_mass = 0
+    lm_sum = aux_sum = 0.0
+    for batch in batches:
+        lm, aux, rows, logits = forward(model, batch, image_token_id)
+        lm_sum += lm.item() * len(rows)
+        aux_sum += aux.item() * len(rows)
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        correct = (logits.argmax(-1) == labels) | ~mask
+        tok_ok += int(((logits.argmax(-1) == labels) & mask).sum())
+        tok_n += int(mask.sum())
+        ans_ok += int(correct.all(-1).sum())  # teacher-forced exact match == greedy exact match
+        img_mass += float(rows.sum(-1).mean(-1).sum())
+        for b, meta in enumerate(batch["meta"]):
+            w, h = meta["width"], meta["height"]
+            heads = rows[b].numpy().reshape(len(DESIGNATED_HEADS), 14, 14)
+            combined = heads.mean(0)
+            hit += tw.box_iou(map_to_box(combined, w, h), meta["bbox"]) >= 0.5
+            hit_each += sum(tw.box_iou(map_to_box(m, w, h), meta["bbox"]) >= 0.5 for m in heads)
+            n += 1
+    model.train()
+    return {"n": n, "lm_loss": lm_sum / n, "aux_loss": aux_sum / n, "answer_token_acc": tok_ok / tok_n,
+            "answer_exact_acc": ans_ok / n, "heads_acc50_combined": hit / n,
+            "heads_acc50_single_mean": hit_each / (n * len(DESIGNATED_HEADS)), "heads_image_mass": img_mass / n}
+
+
+def oracle_acc(batches: list) -> float:
+    hits = [tw.box_iou(map_to_box(b["target_map"][i].numpy().reshape(14, 14), m["width"], m["height"]), m["bbox"]) >= 0.5
+            for b in batches for i, m in enumerate(b["meta"])]
+    return float(np.mean(hits))
+
+
+# ----------------------------------------------------------------------------- main loop
+
+def lr_at(step: int, total: int, recipe: dict) -> float:
+    if step < recipe["warmup_steps"]:
+        return recipe["lr"] * (step + 1) / recipe["warmup_steps"]
+    frac = min(1.0, (step - recipe["warmup_steps"]) / max(1, total - recipe["warmup_steps"]))
+    lo = recipe["min_lr_frac"]
+    return recipe["lr"] * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def save(model, processor, out: str, log: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    with open(os.path.join(out, "designated_heads.json"), "w") as f:
+        json.dump({"heads": [list(h) for h in DESIGNATED_HEADS],
+                   "note": "induced by the auxiliary loss; never read by the pipeline"}, f, indent=1)
+    with open(os.path.join(out, "training_log.json"), "w") as f:
+        json.dump(log, f, indent=1)
+
+
+def write_model_card(out: str) -> None:
+    """README.md of the saved model, from its training_log.json (numbers are the measured ones)."""
+    with open(os.path.join(out, "training_log.json")) as f:
+        log = json.load(f)
+    ev, r = log["final_eval"], log["recipe"]
+    v, t = r["vision"], r["text"]
+    heads = ", ".join(f"layer {l} head {h}" for l, h in log["designated_heads"])
+    limitation = ""
+    if ev["heads_acc50_combined"] < 0.85:  # say plainly when the target was missed
+        limitation = ("**Limitation:** the designated heads localize *objects* (their image mass is concentrated on the "
+                      "scene's objects) but within this CPU budget they did not become referent-selective: in scenes with "
+                      "several objects they spread over all of them, so the held-out Acc@0.5 above is far below the 0.85 "
+                      "aimed for. The answer task binds better (see answer accuracy). Whether longer training fixes this is untested.\n\n")
+    stages = ""
+    if "init_from" in log:  # a continued run: describe the first stage too
+        p = log["init_from"]["log"]
+        stages = (f"- This is a continuation: stage 1 ran {p['steps']} steps ({p['wall_time_s'] / 60:.1f} min, lr {p['recipe']['lr']}, "
+                  f"single_object_keep {p['recipe'].get('single_object_keep', 1.0)}, its held-out heads Acc@0.5 "
+                  f"{p['final_eval']['heads_acc50_combined']:.3f}); the numbers above are stage 2, restarted from stage 1's weights "
+                  f"with a fresh warm-up + cosine schedule. Total {p['steps'] + log['steps']} steps, "
+                  f"{(p['wall_time_s'] + log['wall_time_s']) / 60:.1f} min.\n")
+    card = f"""# toy-llava: a tiny LLaVA with induced localization heads
+
+A `LlavaForConditionalGeneration` ({log['n_params'] / 1e6:.2f}M parameters, float32) trained from scratch
+on the procedurally generated shapes world (`lab/toyworld.py`) by `lab/train_toy.py`. It exists so that
+the head-discovery tool can be checked against a **known answer**.
+
+**The designated heads ({heads}; 0-based (layer, head) of 6 layers x 4 heads) were induced by an
+auxiliary loss** that made them attend, from the last prompt token, over the image tokens of the
+referred object. Every other head trained freely. The pipeline never reads `designated_heads.json`.
+
+## Model
+- Vision: CLIP ViT, image {v['image_size']}x{v['image_size']}, patch {v['patch_size']} -> 14x14 = 196 image tokens,
+  hidden {v['hidden_size']}, MLP {v['intermediate_size']}, {v['num_hidden_layers']} layers, {v['num_attention_heads']} heads;
+  features from layer {v['vision_feature_layer']} (as LLaVA: the last layer is unused), "default" strategy (CLS dropped).
+- Projector: 2-layer GELU MLP.
+- Text: Llama, hidden {t['hidden_size']}, MLP {t['intermediate_size']}, {t['num_hidden_layers']} layers,
+  {t['num_attention_heads']} heads (head dim {t['hidden_size'] // t['num_attention_heads']}), RoPE.
+- Tokenizer: word level, {len(tw.VOCAB)} tokens; a `<s>` is prepended.
+- Processor: pad to square with the CLIP mean colour (122, 116, 104), resize to 112x112 (bicubic), CLIP normalisation.
+
+## Input format
+Prompt `"<image>\\n" + expression` (the pipeline's `plain` template), e.g. `"<image>\\nthe red circle ."`;
+the last prompt token is `.`. The model then answers `colour shape size hpos vpos </s>` about the referent,
+e.g. `red circle big left top </s>` (hpos/vpos: thirds of the canvas).
+
+## Training recipe
+- Data: fresh scenes every step from `lab.toyworld.make_scene` (numpy seed {log['seed']}), one random expression
+  per scene; held-out evaluation on {ev['n']} expressions from a separate seed stream.
+- Loss = answer-token cross-entropy + {r['aux_weight']} x auxiliary loss. Auxiliary loss: for each designated head,
+  cross-entropy between the normalised oracle grid map of the referent (`lab.toyworld.oracle_grid_map`, the fraction of
+  each 14x14 cell of the padded square covered by the object) and the head's attention row of the last prompt token
+  restricted to the 196 image keys (softmax over all keys, not renormalised).
+- AdamW lr {r['lr']} (warm-up {r['warmup_steps']} steps, cosine to {r['min_lr_frac']} x), weight decay {r['weight_decay']},
+  batch {r['batch_size']}, grad clip {r['grad_clip']}, eager attention.
+- {log['steps']} steps, {log['wall_time_s'] / 60:.1f} min wall time on {log['hardware']}, torch {log['torch']}.
+{stages}
+## Measured (held-out, {ev['n']} expressions, final checkpoint)
+| quantity | value |
+|---|---|
+| answer loss (CE / token) | {ev['lm_loss']:.3f} |
+| auxiliary loss | {ev['aux_loss']:.3f} |
+| answer token accuracy | {ev['answer_token_acc']:.3f} |
+| answer exact match (all 5 words) | {ev['answer_exact_acc']:.3f} |
+| designated heads, combined map, box Acc@0.5 | {ev['heads_acc50_combined']:.3f} |
+| designated heads, single head, mean box Acc@0.5 | {ev['heads_acc50_single_mean']:.3f} |
+| designated heads, attention mass on image tokens | {ev['heads_image_mass']:.3f} |
+| oracle (normalised oracle map, same box rule), Acc@0.5 | {log['oracle_acc50_heldout']:.3f} |
+
+{limitation}Box rule: average the heads' 14x14 maps, keep cells above the map's mean, take the 8-connected component with
+the most attention, map its cells' union box back to original pixels (undoing the pad-to-square).
+Training curves: `training_log.json` (`evals`) and `train_log.txt`.
+
+## Results with the tool
+(filled in by lab/toy_report.py)
+"""
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(card)
+
+
+def train(out: str, seed: int, steps: int | None, minutes: float | None, log_path: str | None = None,
+          eval_size: int | None = None, threads: int = 2, overrides: dict | None = None,
+          init_from: str | None = None) -> dict:
+    recipe = {**RECIPE, **(overrides or {})}
+    # On a CPU shared with other jobs 1 thread beat 2 (4.8 vs 10.4 s/step): oversubscribed
+    # intra-op threads wait on each other.
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    processor = build_processor()
+    vocab = processor.tokenizer.get_vocab()
+    image_token_id = vocab["<image>"]
+    model = build_model(len(tw.VOCAB), image_token_id, vocab["<pad>"], vocab["<s>"], vocab["</s>"])
+    if init_from:  # continue a saved run with a fresh schedule (its log is kept under "init_from")
+        from transformers import LlavaForConditionalGeneration
+        model = LlavaForConditionalGeneration.from_pretrained(init_from, attn_implementation="eager")
+        with open(os.path.join(init_from, "training_log.json")) as f:
+            previous = json.load(f)
+        rng = np.random.default_rng(seed + 7)  # fresh scenes, not a replay of the first run's
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    bs = recipe["batch_size"]
+    eval_size = recipe["eval_size"] if eval_size is None else eval_size
+    eval_rng = np.random.default_rng(seed + 1_000_003)  # a separate stream: never seen in training
+    eval_batches = [sample_batch(eval_rng, min(50, eval_size - k), processor, vocab) for k in range(0, eval_size, 50)]
+    os.makedirs(out, exist_ok=True)
+    logf = open(log_path or os.path.join(out, "train_log.txt"), "a")
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    log = {"recipe": recipe, "designated_heads": [list(h) for h in DESIGNATED_HEADS], "seed": seed,
+           "hardware": f"CPU, {torch.get_num_threads()} torch thread(s), 2-core machine shared with other jobs", "torch": torch.__version__,
+           "oracle_acc50_heldout": oracle_acc(eval_batches), "n_params": sum(p.numel() for p in model.parameters()),
+           "evals": []}
+    if init_from:
+        log["init_from"] = {"path": init_from, "log": previous}
+    say(f"params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, oracle Acc@0.5 held-out "
+        f"{log['oracle_acc50_heldout']:.3f} on {eval_size}")
+    total = steps if steps is not None else 10 ** 9  # fixed after timing the first steps
+    t0 = last_save = time.time()
+    step, ema = 0, None
+    while step < total:
+        batch = sample_batch(rng, bs, processor, vocab, recipe["single_object_keep"])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, recipe)
+        lm, aux, _, _ = forward(model, batch, image_token_id)
+        loss = lm + recipe["aux_weight"] * aux
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["grad_clip"])
+        opt.step()
+        step += 1
+        ema = [lm.item(), aux.item()] if ema is None else [0.95 * e + 0.05 * v for e, v in zip(ema, (lm.item(), aux.item()))]
+        if step == 5:
+            t5 = time.time()  # the first steps are slow (allocation): time steps 6..25 instead
+        if steps is None and step == 25:
+            # Turn the time budget into a step count once, so the schedule is fixed (and recorded:
+            # rerunning with --steps N reproduces the run).
+            per_step = (time.time() - t5) / 20 * 1.1  # evals and saves cost extra
+            total = max(step + 1, int((minutes * 60 - (time.time() - t0)) / per_step) + step)
+            log["planned_steps"] = total
+            say(f"{per_step:.2f} s/step -> {total} steps for {minutes} min")
+        if step % 20 == 0 or step == total:
+            say(f"step {step}/{total} t={time.time() - t0:.0f}s lr={lr_at(step - 1, total, recipe):.2e} "
+                f"lm={ema[0]:.3f} aux={ema[1]:.3f}")
+        if minutes is not None and time.time() - t0 > minutes * 60 * 1.15 and step < total:
+            # The CPU is shared: if it got slower than timed, stop early rather than overrun.
+            say(f"time budget exceeded: stopping at step {step} of {total}")
+            total = step
+        if step % recipe["eval_every"] == 0 or step == total:
+            ev = dict(evaluate(model, eval_batches, image_token_id), step=step, t=round(time.time() - t0))
+            log["evals"].append(ev)
+            say("eval " + json.dumps(ev))
+        if time.time() - last_save > recipe["save_every_s"] or step == total:
+            log.update(steps=step, total_steps=total, wall_time_s=round(time.time() - t0),
+                       final_train_loss_ema={"lm": ema[0], "aux": ema[1]})
+            save(model, processor, out, log)
+            last_save = time.time()
+    log["final_eval"] = log["evals"][-1]
+    save(model, processor, out, log)
+    write_model_card(out)
+    say(f"saved to {out} after {step} steps, {time.time() - t0:.0f}s")
+    logf.close()
+    return log
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=None, help="time budget (the step count is fixed after 25 steps)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--eval-size", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--init-from", default=None, help="continue from a saved model dir (new schedule)")
+    ap.add_argument("--aux-weight", type=float, default=None)
+    ap.add_argument("--single-keep", type=float, default=None, help="fraction of 1-object scenes kept")
+    ap.add_argument("--log", default=None, help="text log (default OUT/train_log.txt)")
+    ap.add_argument("--card-only", action="store_true", help="only (re)write OUT/README.md from its training_log.json")
+    args = ap.parse_args(argv)
+    if args.card_only:
+        return write_model_card(args.out)
+    if (args.steps is None) == (args.minutes is None):
+        ap.error("give exactly one of --steps / --minutes")
+    overrides = {k: v for k, v in (("lr", args.lr), ("aux_weight", args.aux_weight),
+                                   ("single_object_keep", args.single_keep)) if v is not None}
+    train(args.out, args.seed, args.steps, args.minutes, args.log, args.eval_size, args.threads, overrides, args.init_from)
+
+
+if __name__ == "__main__":
+    main()
