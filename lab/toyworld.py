@@ -254,14 +254,6 @@ def oracle_box(obj_mask: np.ndarray, width: int, height: int, grid: tuple = GRID
     return cells_to_box(cells, width, height)
 
 
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 # ----------------------------------------------------------------------------- dataset files
 
 def scene_rows(scene: Scene, scene_id: str, image_path: str) -> list:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from evaluate import iou_xyxy
 from lab import toyworld as tw
 
 DESIGNATED_HEADS = [(2, 1), (3, 2), (4, 0)]  # (layer, head), 0-based, of 6 layers x 4 heads
@@ -164,8 +165,8 @@ def evaluate(model, batches: list, image_token_id: int) -> dict:
             w, h = meta["width"], meta["height"]
             heads = rows[b].numpy().reshape(len(DESIGNATED_HEADS), 14, 14)
             combined = heads.mean(0)
-            hit += tw.box_iou(map_to_box(combined, w, h), meta["bbox"]) >= 0.5
-            hit_each += sum(tw.box_iou(map_to_box(m, w, h), meta["bbox"]) >= 0.5 for m in heads)
+            hit += iou_xyxy(map_to_box(combined, w, h), meta["bbox"]) >= 0.5
+            hit_each += sum(iou_xyxy(map_to_box(m, w, h), meta["bbox"]) >= 0.5 for m in heads)
             n += 1
     model.train()
     return {"n": n, "lm_loss": lm_sum / n, "aux_loss": aux_sum / n, "answer_token_acc": tok_ok / tok_n,
@@ -174,7 +175,7 @@ def evaluate(model, batches: list, image_token_id: int) -> dict:
 
 
 def oracle_acc(batches: list) -> float:
-    hits = [tw.box_iou(map_to_box(b["target_map"][i].numpy().reshape(14, 14), m["width"], m["height"]), m["bbox"]) >= 0.5
+    hits = [iou_xyxy(map_to_box(b["target_map"][i].numpy().reshape(14, 14), m["width"], m["height"]), m["bbox"]) >= 0.5
             for b in batches for i, m in enumerate(b["meta"])]
     return float(np.mean(hits))
 

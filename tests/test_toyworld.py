@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+from evaluate import iou_xyxy
 from lab import toyworld as tw
 
 
@@ -72,7 +73,7 @@ def test_oracle_grid_map_geometry():
 
 
 def test_oracle_reaches_iou_half():
-    ious = [tw.box_iou(tw.oracle_box(sc.objects[i].mask, sc.width, sc.height), sc.objects[i].bbox)
+    ious = [iou_xyxy(tw.oracle_box(sc.objects[i].mask, sc.width, sc.height), sc.objects[i].bbox)
             for sc in _scenes(3, 160) for i, _ in sc.expressions]
     assert len(ious) >= 300
     assert np.mean(np.array(ious) >= 0.5) >= 0.95
