@@ -72,8 +72,11 @@ def capture_rows(adapter: Adapter, prepared: Prepared, *, attn_capture: str = "s
     batch = inputs["attention_mask"].shape[0]
     eager = attn_capture == "eager"
     capture = AttentionCapture(max_steps=1)
+    # logits_to_keep=1: the [B, N, vocab] logits are never used and would be the largest tensor
+    # of the pass after eager's maps.
     out = adapter.model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]),
-                        output_attentions=eager, attention_capture=None if eager else capture, use_cache=False)
+                        output_attentions=eager, attention_capture=None if eager else capture, use_cache=False,
+                        logits_to_keep=1)
     rows = _rows_from_eager(out.attentions, adapter.num_layers, batch) if eager else capture.layers(0, adapter.num_layers)
     return _checked(rows, adapter, batch)
 

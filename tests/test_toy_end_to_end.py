@@ -25,7 +25,12 @@ def card() -> dict:
     return json.loads(CARD.read_text())
 
 
-@pytest.mark.parametrize("logic", ["paper", "selection_v1"])
+@pytest.mark.parametrize("logic", [
+    "paper",
+    pytest.param("selection_v1", marks=pytest.mark.xfail(strict=True, reason=(
+        "the reference code's mass-weighted entropy ranks heads that fix on one small spot above heads "
+        "covering whole objects; with logic.entropy.method=size it finds the designated heads"))),
+])
 def test_selection_finds_the_designated_heads(report, logic):
     """Voting over the calibration set returns exactly the heads the model was trained to have."""
     assert sorted(map(tuple, report["logics"][logic]["selected_heads"])) == sorted(map(tuple, report["designated_heads"]))
