@@ -210,12 +210,13 @@ def prepare_n(adapter, n_tokens: int):
 
 @torch.inference_mode()
 def plain_forward(adapter, prepared) -> torch.Tensor:
-    """The stock SDPA forward the capture must not slow down: logits [B, N, vocab]."""
+    """The stock SDPA forward the capture must not slow down, doing the collector's work minus the
+    capture (logits of the last position only, as collector.capture_rows asks): [B, 1, vocab]."""
     from llava.adapter import position_ids_from_mask
 
     inputs = prepared.inputs
     return adapter.model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]),
-                         use_cache=False).logits
+                         use_cache=False, logits_to_keep=1).logits
 
 
 def mode_call(mode: str, adapter, prepared) -> Callable[[], torch.Tensor]:
