@@ -222,8 +222,11 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_card(report: dict, table: str, model_dir: Path = MODEL_DIR) -> None:
+def write_card(report: dict, table: str, out: Path, model_dir: Path = MODEL_DIR) -> None:
+    """results.json, the card's results section, and selected_heads.json (stage=select's output
+    under logic=paper, used by the README's quick start)."""
     (model_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (model_dir / "selected_heads.json").write_text((out / "selected_heads_paper.json").read_text())
     card = model_dir / "README.md"
     text = card.read_text()
     head = text.split(RESULTS_MARK)[0].rstrip()
@@ -243,7 +246,7 @@ def main(argv=None) -> None:
     table = format_report(report)
     print(table)
     if args.write_card:
-        write_card(report, table, args.model_dir)
+        write_card(report, table, Path(args.out), args.model_dir)
 
 
 if __name__ == "__main__":
