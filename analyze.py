@@ -71,9 +71,10 @@ def spatial_entropy(maps: np.ndarray, method: str = "size", binarize_threshold: 
         raise ValueError(f"logic.entropy.method={method!r} is unknown; use size (paper) or mass (reference)")
     labels, num = ndimage.label(foreground, structure=_EIGHT_CONNECTED_PER_HEAD)   # [N, rows, cols]
     comp_mass = np.bincount(labels.ravel(), weights=weight.ravel(), minlength=num + 1)[1:]   # [num]
-    # Each component lies in one head's slice: the head of its first cell (in scan order).
-    _, first_cell = np.unique(labels.ravel(), return_index=True)                    # label 0 first
-    comp_head = first_cell[1:] // (maps.shape[1] * maps.shape[2])
+    # Labels are numbered in scan order and no component crosses heads, so head h owns the labels
+    # up to the largest label of slices 0..h.
+    last_label = np.maximum.accumulate(labels.reshape(n, -1).max(axis=1))           # [N]
+    comp_head = np.searchsorted(last_label, np.arange(1, num + 1), side="left")     # [num]
     n_components = np.bincount(comp_head, minlength=n)
     # Reference: P over ALL of B's mass (below-threshold mass included); paper: over the foreground.
     total = weight.sum(axis=(1, 2))

@@ -506,6 +506,9 @@ def build_table(profile: Profile, m: dict) -> tuple[list[list[str]], list[str]]:
         ratio = mem["capture"] / mem["eager"]
         add("capture / eager extra peak memory", n, f"{ratio:.3f}",
             "≤ 0.10" if n == n0 else "", (ratio <= 0.10) if n == n0 else None)
+        # The same, counting only what each adds on top of the plain forward's own activations.
+        add("(capture − plain) / (eager − plain) peak memory", n,
+            f"{(mem['capture'] - mem['plain']) / (mem['eager'] - mem['plain']):.3f}")
     b = m["batch"]
     add(f"batch stage samples/s, bs 1 / bs 8 ({profile.batch_rows} rows)", b["n_range"],
         f"{b[1]:.2f} / {b[8]:.2f}")
