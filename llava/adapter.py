@@ -51,6 +51,13 @@ class Adapter:
     # Extra arguments for model.generate (e.g. never emit the image placeholder).
     generate_kwargs: dict = {}
 
+    def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
+        """What every family reads from the model config; subclasses load the rest."""
+        self.model_name = str(cfg.name)
+        self.conv_mode = str(cfg.conv_mode)
+        self.cache_dir = cfg.get("cache_dir") or None
+        self.device, self.dtype = device, dtype
+
     def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
         raise NotImplementedError
 

@@ -17,10 +17,8 @@ from llava.geometry import geometry_from_image_processor
 
 class HFLlavaAdapter(Adapter):
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
-        cache_dir = cfg.get("cache_dir") or None
-        self.model_name = str(cfg.name)
-        self.conv_mode = str(cfg.conv_mode)
-        self.device, self.dtype = device, dtype
+        super().__init__(cfg, device, dtype)
+        cache_dir = self.cache_dir
         self.processor = AutoProcessor.from_pretrained(self.model_name, cache_dir=cache_dir)
         self.processor.tokenizer.padding_side = "left"  # last real token at the end of every row
         self.tokenizer = self.processor.tokenizer

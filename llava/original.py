@@ -77,10 +77,8 @@ def load_projector_state(name: str, cache_dir: str | None) -> dict[str, torch.Te
 
 class OriginalLlavaAdapter(Adapter):
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
-        cache_dir = cfg.get("cache_dir") or None
-        self.model_name = str(cfg.name)
-        self.conv_mode = str(cfg.conv_mode)
-        self.device, self.dtype = device, dtype
+        super().__init__(cfg, device, dtype)
+        cache_dir = self.cache_dir
         if raw_config.get("mm_use_im_start_end"):
             raise InputError(f"{self.model_name}: mm_use_im_start_end=true checkpoints are not supported")
         llama_config = LlamaConfig.from_dict({k: v for k, v in raw_config.items() if not _LLAVA_KEYS.match(k)})
