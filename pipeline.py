@@ -11,7 +11,6 @@ Stages pass files to each other under <data.output_dir>/<model>/:
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging

@@ -29,7 +29,7 @@ from collector import load_attention
 from dataio import read_jsonl
 from evaluate import iou_xyxy
 from lab import toyworld
-from llava.geometry import Geometry, compute_geometry
+from llava.geometry import Geometry
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "toy-llava"
 CALIB_SEED, TEST_SEED = 1001, 2002

@@ -267,7 +267,7 @@ def test_calib_is_reproducible_by_seed(tmp_path):
     a = draw_calib(src, 10, 0, tmp_path / "a.jsonl")
     b = draw_calib(src, 10, 0, tmp_path / "b.jsonl")
     c = draw_calib(src, 10, 1, tmp_path / "c.jsonl")
-    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    assert a == b and (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     assert [r["id"] for r in a] != [r["id"] for r in c]
     ids = [int(r["id"][1:]) for r in a]
     assert len(set(ids)) == 10 and ids == sorted(ids)
