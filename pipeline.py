@@ -165,6 +165,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
         "logic": str(cfg.logic.name),
         "mask_method": str(cfg.logic.mask.method),
         "settings": box_settings(cfg),
+        "collect_settings": record["meta"].get("collect_settings"),
     }
     # The bbox file is written last: its presence marks the item complete (batch resume).
     atomic_write_json(safe_output_path(out_dir, item_id, "_bbox.json"), summary)
@@ -293,22 +294,26 @@ class _RowImages(torch.utils.data.Dataset):
             return lineno, row, str(path), None, str(e)
 
 
-def _resume_state(out_dir: Path, item_id: str, cfg: DictConfig, figure: str | None) -> str:
+def _resume_state(out_dir: Path, item_id: str, figure: str | None, collect_now: dict, box_now: dict) -> str:
     """"done" (outputs complete for these settings), "rebox" (attention is there and current: redo
-    only analysis and box, no model), or "collect"."""
+    only analysis and box, no model), or "collect". Complete rows are judged from the small
+    _bbox.json alone; an attention file is opened only when the box is stale."""
     attn_file = out_dir / f"{item_id}.pkl"
-    if not cfg.data.resume or not attn_file.is_file():
+    if not attn_file.is_file():
         return "collect"
     try:
-        current = load_attention(attn_file)["meta"].get("collect_settings") == collect_settings(cfg)
         summary = json.loads((out_dir / f"{item_id}_bbox.json").read_text())
-    except (InputError, OSError, json.JSONDecodeError):
-        return "rebox" if current else "collect"
-    if not current:
-        return "collect"
+    except (OSError, json.JSONDecodeError):
+        summary = {}
     outputs = ["_analysis.pkl", "_mask.png"] + ([figure] if figure else [])
-    complete = all((out_dir / f"{item_id}{s}").is_file() for s in outputs)
-    return "done" if complete and summary.get("settings") == box_settings(cfg) else "rebox"
+    if (summary.get("collect_settings") == collect_now and summary.get("settings") == box_now
+            and all((out_dir / f"{item_id}{s}").is_file() for s in outputs)):
+        return "done"
+    try:
+        current = load_attention(attn_file)["meta"].get("collect_settings") == collect_now
+    except InputError:
+        current = False
+    return "rebox" if current else "collect"
 
 
 def select_rows(cfg: DictConfig) -> tuple[list[tuple[int, dict]], Path]:
@@ -333,7 +338,11 @@ def stage_batch(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     heads, _ = fixed_heads(cfg.logic)  # a bad heads file fails now, not on every row
     figure = f"_top{len(heads) if heads else int(cfg.logic.top_k)}.png" if cfg.data.visualize_batch else None
-    state = {str(r[1]["id"]): _resume_state(out_dir, str(r[1]["id"]), cfg, figure) for r in rows}
+    if cfg.data.resume:
+        collect_now, box_now = collect_settings(cfg), box_settings(cfg)
+        state = {str(r[1]["id"]): _resume_state(out_dir, str(r[1]["id"]), figure, collect_now, box_now) for r in rows}
+    else:
+        state = {str(r[1]["id"]): "collect" for r in rows}
     todo = [r for r in rows if state[str(r[1]["id"])] == "collect"]
     rebox = [str(r[1]["id"]) for r in rows if state[str(r[1]["id"])] == "rebox"]
     log.info("batch: %d rows: %d complete, %d to redo from saved attention, %d to run through the model → %s",
