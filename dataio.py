@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -10,6 +11,14 @@ from typing import Any, Iterator
 
 class InputError(ValueError):
     """Bad user input; the message is one line naming the file, line or key and what to do."""
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Loads pickles of plain data (lists, dicts, strings, numbers) only: anything that asks for a
+    class or function could run code, so it is refused outright."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refuses to load {module}.{name}")
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:

@@ -28,7 +28,7 @@ import analyze as analysis
 import bbox
 import viz
 from collector import collect, load_attention, load_image, save_attention
-from dataio import (InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl,
+from dataio import (InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl,
                     resolve_path, safe_output_path)
 
 log = logging.getLogger("pipeline")
@@ -143,7 +143,7 @@ def heads_for(result: dict, record: dict, cfg: DictConfig) -> tuple[list[dict], 
 
 
 def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: DictConfig, *,
-                  figure: bool, gt_box=None) -> dict:
+                  figure: bool) -> dict:
     """<id>_analysis.pkl, <id>_mask.png, <id>_bbox.json and (figure=True) <id>_top{K}.png."""
     heads, source = heads_for(result, record, cfg)
     loc = bbox.localize(record["attn"], record["meta"], [(h["layer"], h["head"]) for h in heads], cfg.logic)
@@ -151,7 +151,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_mask.png"), viz.mask_png(loc["mask"]))
     if figure:
         image = load_image(record["meta"]["image_file"])
-        png = viz.figure_png(image, record["attn"], record["meta"], heads, loc, gt_box)
+        png = viz.figure_png(image, record["attn"], record["meta"], heads, loc)
         atomic_write_bytes(safe_output_path(out_dir, item_id, f"_top{len(heads)}.png"), png)
     summary = {
         "id": item_id,
@@ -174,22 +174,19 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
 
 def load_analysis(path: Path) -> dict:
     """Our own analysis files hold only plain data: refuse any class or function."""
-    class _PlainUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
     try:
-        return _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
+        return PlainUnpickler(io.BytesIO(path.read_bytes())).load()
     except Exception as e:
         raise InputError(f"{path}: not an analysis file ({e})") from None
 
 
 # ---------------------------------------------------------------- stages
 
-def stage_collect(cfg: DictConfig, adapter=None) -> Path:
+def stage_collect(cfg: DictConfig) -> Path:
     if not cfg.data.image_file:
         raise InputError("data.image_file is required for stage=collect/pipeline")
     image = load_image(cfg.data.image_file)
-    adapter = adapter or load_adapter_from(cfg)
+    adapter = load_adapter_from(cfg)
     record = collect(adapter, [image], [cfg.data.query], attn_capture=str(cfg.model.attn_capture),
                      use_generate=bool(cfg.model.use_generate), gen_kwargs=gen_kwargs(cfg))[0]
     record["meta"].update(image_file=str(cfg.data.image_file), collect_settings=collect_settings(cfg))

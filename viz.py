@@ -1,4 +1,4 @@
-"""Figures: the image with the predicted (and ground-truth) box, and the top-K heads' maps, raw on
+"""Figures: the image with the predicted box, and the top-K heads' maps, raw on
 the grid and overlaid on the image, titled with layer, head and spatial entropy."""
 from __future__ import annotations
 
@@ -18,13 +18,11 @@ from llava.geometry import Geometry
 
 
 def _box(ax, box, color, label):
-    if box is not None:
-        x0, y0, x1, y1 = box
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, ec=color, label=label))
+    x0, y0, x1, y1 = box
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, ec=color, label=label))
 
 
-def figure_png(image: Image.Image, attn, meta: dict, heads: list[dict], result: dict,
-               gt_box: list[float] | None = None) -> bytes:
+def figure_png(image: Image.Image, attn, meta: dict, heads: list[dict], result: dict) -> bytes:
     """PNG bytes. Row 0: image + box, combined heat map, mask. Rows 1–2: each head's raw grid map
     and its map overlaid on the image. `heads`: analysis records (layer, head, spatial_entropy)."""
     geometry = Geometry.from_dict(meta["geometry"])
@@ -36,9 +34,8 @@ def figure_png(image: Image.Image, attn, meta: dict, heads: list[dict], result: 
         ax.axis("off")
     top = axes[0]
     top[0].imshow(image)
-    _box(top[0], result["bbox_xyxy"], "lime", "prediction")
-    _box(top[0], gt_box, "red", "ground truth")
-    if result["bbox_xyxy"] is not None or gt_box is not None:
+    if result["bbox_xyxy"] is not None:
+        _box(top[0], result["bbox_xyxy"], "lime", "prediction")
         top[0].legend(loc="lower right", fontsize=7)
     top[0].set_title(meta.get("query", ""), fontsize=9)
     top[1].imshow(image)

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from dataio import InputError, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path, safe_output_path
+from dataio import (InputError, PlainUnpickler, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path,
+                    safe_output_path)
 
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 PARQUET_KEYS = ("question_id", "answer", "bbox", "file_name")
@@ -71,14 +72,6 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 # --- REFER API format ---
 
-class _NoClassesUnpickler(pickle.Unpickler):
-    """refs files hold only lists, dicts, strings and numbers, none of which need find_class;
-    anything that asks for a class or function could run code, so it is refused outright."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refuses to load {module}.{name}")
-
-
 def _py2_strings(obj: Any) -> Any:
     # REFER pickles were written by Python 2: its str arrives as bytes (UTF-8 text in practice)
     if isinstance(obj, bytes):
@@ -102,7 +95,7 @@ def load_refs(path: str | Path) -> list[dict]:
         raise InputError(f"{path}: refs file not found; expected refs(unc).p or refs(umd).p from the REFER data")
     try:
         with path.open("rb") as f:
-            refs = _NoClassesUnpickler(f, encoding="bytes").load()
+            refs = PlainUnpickler(f, encoding="bytes").load()
     except pickle.UnpicklingError as e:
         raise InputError(f"{path}: not a plain refs pickle ({e}); refs files contain only lists, dicts, "
                          "strings and numbers, so this file was not loaded") from None
