@@ -23,10 +23,12 @@ Profiles:   cpu      scaled-down LLaVA-1.5 (text 512 wide, 8 layers, 8 heads; sm
                      336 px / patch 14 → 576 image tokens), float32, N = 620 / 1,240 / 2,480
             llava7b  full LLaVA-1.5-7B shape (Llama-7B text, CLIP ViT-L/14-336), float16, GPU only;
                      writes a 14 GB checkpoint to the temp folder and holds three fp16 copies on the GPU
+            llava7b_cpu  the same 7B shape in bfloat16 on a CPU with ≥ 24 GB RAM: extra peak memory only,
+                     at N = 620, one probe process at a time (about 15 min on 2 cores)
             --quick  tiny shapes, a smoke test (about a minute); its numbers are not written anywhere
 
-Usage: python benchmarks/bench_collect.py [--profile cpu|llava7b] [--quick] [--no-write] [--threads T]
-The cpu and llava7b runs append a dated section to benchmarks/RESULTS.md.
+Usage: python benchmarks/bench_collect.py [--profile cpu|llava7b|llava7b_cpu] [--quick] [--no-write] [--threads T]
+The cpu, llava7b and llava7b_cpu runs append a dated section to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -77,6 +79,8 @@ class Profile:
     batch_repeats: int          # timed stage runs per batch size (median reported)
     batch_speedup_target: float
     analysis_samples: int       # distinct attention tensors timed per logic config
+    memory_only: bool = False   # measure extra peak memory only (the 7B shape on a CPU)
+    parallel_probes: int = 2    # CPU memory probes run side by side (each holds a model copy)
 
 
 def _text(hidden, layers, heads, inter, vocab):
@@ -100,6 +104,11 @@ PROFILES = {
     "llava7b": Profile("llava7b", _text(4096, 32, 32, 11008, 32064), _vision(1024, 24, 16, 4096, 336, 14, 768),
                        "cuda", "float16", seq_lens=(620, 1240, 2480), warmup=3, repeats=10, batch_rows=32,
                        batch_repeats=2, batch_speedup_target=3.0, analysis_samples=30),
+    # The 7B shape on a CPU, memory only: bfloat16 (14 GB) fits a 24 GB machine, one probe at a time.
+    # No timings: one forward takes about a minute there, and CPU times say nothing about a GPU.
+    "llava7b_cpu": Profile("llava7b_cpu", _text(4096, 32, 32, 11008, 32064), _vision(1024, 24, 16, 4096, 336, 14, 768),
+                           "cpu", "bfloat16", seq_lens=(620,), warmup=0, repeats=0, batch_rows=0, batch_repeats=0,
+                           batch_speedup_target=0.0, analysis_samples=0, memory_only=True, parallel_probes=1),
     # Smoke test: 112 px / patch 14 → 8×8 = 64 image tokens.
     "quick": Profile("quick", _text(64, 4, 4, 172, 512), _vision(32, 2, 4, 64, 112, 14, 32), "cpu", "float32",
                      seq_lens=(96, 384), warmup=1, repeats=3, batch_rows=8, batch_repeats=1,
@@ -140,7 +149,7 @@ def build_checkpoint(profile: Profile, out: Path) -> Path:
                          image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
                          image_seq_length=grid * grid)
-    dtype = {"float32": torch.float32, "float16": torch.float16}[profile.dtype]
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[profile.dtype]
     init_device = "cuda" if profile.device == "cuda" else "cpu"   # 7B random init is minutes on CPU
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -298,12 +307,12 @@ def cpu_memory(profile: Profile, ckpt: Path, mode: str, n_tokens: int) -> float:
 
 
 def cpu_memory_all(profile: Profile, ckpt: Path) -> dict:
-    """N → mode → extra peak MB; two probes at a time (each is its own process, so running them
-    side by side changes their timing, not their memory)."""
+    """N → mode → extra peak MB; profile.parallel_probes at a time (each is its own process, so
+    running them side by side changes their timing, not their memory)."""
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = [(n, mode) for n in profile.seq_lens for mode in MODES]
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=profile.parallel_probes) as pool:
         peaks = list(pool.map(lambda job: cpu_memory(profile, ckpt, job[1], job[0]), jobs))
     result = {n: {} for n in profile.seq_lens}
     for (n, mode), peak in zip(jobs, peaks):
@@ -492,7 +501,7 @@ def build_table(profile: Profile, m: dict) -> tuple[list[list[str]], list[str]]:
         if ok is False:
             missed.append(f"{name}{f' (N={n})' if n != '—' else ''}: {value}, target {target}")
 
-    for n in profile.seq_lens:
+    for n in m["time"]:
         t = m["time"][n]
         add("max abs diff capture vs eager row", n, f"{m['diff'][n]:.2e}", f"≤ {tol:g}", m["diff"][n] <= tol)
         add("time plain / capture / eager (ms)", n,
@@ -500,7 +509,7 @@ def build_table(profile: Profile, m: dict) -> tuple[list[list[str]], list[str]]:
         add("capture / plain SDPA time", n, f"{t['capture'] / t['plain']:.3f}", "≤ 1.10",
             t["capture"] / t["plain"] <= 1.10)
         add("capture / eager time", n, f"{t['capture'] / t['eager']:.3f}")
-    for n in profile.seq_lens:
+    for n in m["memory"]:
         mem = m["memory"][n]
         add("extra peak memory plain / capture / eager (MB)", n, " / ".join(f"{mem[k]:.0f}" for k in MODES))
         ratio = mem["capture"] / mem["eager"]
@@ -509,7 +518,9 @@ def build_table(profile: Profile, m: dict) -> tuple[list[list[str]], list[str]]:
         # The same, counting only what each adds on top of the plain forward's own activations.
         add("(capture − plain) / (eager − plain) peak memory", n,
             f"{(mem['capture'] - mem['plain']) / (mem['eager'] - mem['plain']):.3f}")
-    b = m["batch"]
+    b = m.get("batch")
+    if b is None:   # a memory-only profile
+        return rows, missed
     add(f"batch stage samples/s, bs 1 / bs 8 ({profile.batch_rows} rows)", b["n_range"],
         f"{b[1]:.2f} / {b[8]:.2f}")
     add("batch stage speed-up bs 8 / bs 1", b["n_range"], f"{b[8] / b[1]:.2f}×",
@@ -543,13 +554,15 @@ def results_section(profile: Profile, info: dict, m: dict, table: str, missed: l
              f"{v['num_hidden_layers']} layers × {v['num_attention_heads']} heads, {v['image_size']} px / patch "
              f"{v['patch_size']} → {(v['image_size'] // v['patch_size'])**2} image tokens; {profile.dtype} on "
              f"{profile.device}")
+    timing = ("Memory only (no timings, no batch stage). " if profile.memory_only else
+              f"Timings: median of {profile.repeats} after {profile.warmup} warm-up, modes in rotating order; batch "
+              f"stage: median of {profile.batch_repeats} runs over {profile.batch_rows} rows after a warm-up run "
+              f"(data.num_workers={m['batch']['num_workers']}, logic=paper). ")
     lines = [f"## {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — profile `{profile.name}`", "",
              f"Machine: {info['cpu']}, {info['cores']} cores (torch threads: {info['torch_threads']}); "
              f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}. {gpu_note}", "",
-             f"Model (random weights): {shape}. Timings: median of {profile.repeats} after {profile.warmup} "
-             f"warm-up, modes in rotating order; batch stage: median of {profile.batch_repeats} runs over "
-             f"{profile.batch_rows} rows after a warm-up run (data.num_workers={m['batch']['num_workers']}, "
-             f"logic=paper). Extra peak memory: {memory}. Whole benchmark: {seconds / 60:.1f} min; 1-min load average "
+             f"Model (random weights): {shape}. {timing}Extra peak memory: {memory}. Whole benchmark: "
+             f"{seconds / 60:.1f} min; 1-min load average "
              f"{m['load_before']:.1f} at the start, {m['load_after']:.1f} at the end.", "",
              table, ""]
     lines += ["Missed targets:", ""] + [f"- {x}" for x in missed] if missed else ["All targets met."]
@@ -565,6 +578,11 @@ def run_benchmark(profile: Profile) -> tuple[dict, float]:
         work = Path(tmp)
         log(f"building random {profile.name} checkpoint")
         ckpt = build_checkpoint(profile, work / "ckpt")
+        if profile.memory_only:
+            m["memory"] = cpu_memory_all(profile, ckpt)
+            log(f"extra peak MB {m['memory']}")
+            m["load_after"] = os.getloadavg()[0]
+            return m, time.perf_counter() - start
         adapters = load_adapters(profile, ckpt)
         if profile.device == "cuda":
             m["flops"] = {"peak": matmul_rate()}
@@ -597,7 +615,7 @@ def log(message: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", choices=("cpu", "llava7b"), default="cpu")
+    parser.add_argument("--profile", choices=("cpu", "llava7b", "llava7b_cpu"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, smoke test; writes nothing")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
