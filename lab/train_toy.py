@@ -41,6 +41,9 @@ RECIPE = {
     "aux_weight": 2.0, "grad_clip": 1.0, "eval_every": 150, "eval_size": 300, "save_every_s": 180,
     # Fraction of 1-object scenes kept in training: they teach no referent selectivity.
     "single_object_keep": 1.0,
+    # Probability of training on a scene's relational expression ("... on the left .") when it has one;
+    # 0 draws uniformly among the scene's expressions.
+    "relational_boost": 0.0,
 }
 
 
@@ -85,7 +88,17 @@ def build_model(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, 
 
 # ----------------------------------------------------------------------------- data
 
-def sample_batch(rng: np.random.Generator, n: int, processor, vocab: dict, single_keep: float = 1.0) -> dict:
+def pick_expression(scene: tw.Scene, rng: np.random.Generator, relational_boost: float = 0.0) -> tuple:
+    """(object index, expression) to train on: uniform over the scene's expressions, except that with
+    probability relational_boost a relational one ("... on the left .") is taken when there is one."""
+    relational = [e for e in scene.expressions if " on the " in e[1]]
+    if relational_boost > 0 and relational and rng.random() < relational_boost:
+        return relational[int(rng.integers(len(relational)))]
+    return scene.expressions[int(rng.integers(len(scene.expressions)))]
+
+
+def sample_batch(rng: np.random.Generator, n: int, processor, vocab: dict, single_keep: float = 1.0,
+                 relational_boost: float = 0.0) -> dict:
     """n (scene, expression) samples, one random expression per fresh scene, as model tensors.
 
     input_ids [B, N] = <s> <image>*196 expression-words answer-words </s> <pad>...
@@ -95,7 +108,7 @@ def sample_batch(rng: np.random.Generator, n: int, processor, vocab: dict, singl
         scene = tw.make_scene(rng)
         if len(scene.objects) == 1 and single_keep < 1.0 and rng.random() >= single_keep:
             continue
-        i, expr = scene.expressions[int(rng.integers(len(scene.expressions)))]
+        i, expr = pick_expression(scene, rng, relational_boost)
         obj = scene.objects[i]
         cov = tw.oracle_grid_map(obj.mask, scene.width, scene.height)  # [14, 14]
         attrs = obj.attrs(scene.width, scene.height)
@@ -148,7 +161,7 @@ def map_to_box(heat: np.ndarray, width: int, height: int) -> list:
 def evaluate(model, batches: list, image_token_id: int) -> dict:
     """Held-out answer accuracy and the designated heads' box Acc@0.5."""
     model.eval()
-    tok_ok = tok_n = ans_ok = n = hit = hit_each = img_mass = 0
+    tok_ok = tok_n = ans_ok = n = hit = hit_each = img_mass = n_rel = hit_rel = 0
     lm_sum = aux_sum = 0.0
     for batch in batches:
         lm, aux, rows, logits = forward(model, batch, image_token_id)
@@ -165,13 +178,18 @@ def evaluate(model, batches: list, image_token_id: int) -> dict:
             w, h = meta["width"], meta["height"]
             heads = rows[b].numpy().reshape(len(DESIGNATED_HEADS), 14, 14)
             combined = heads.mean(0)
-            hit += iou_xyxy(map_to_box(combined, w, h), meta["bbox"]) >= 0.5
+            ok = iou_xyxy(map_to_box(combined, w, h), meta["bbox"]) >= 0.5
+            hit += ok
+            if " on the " in meta["expr"]:  # relational expressions are the hardest part
+                n_rel += 1
+                hit_rel += ok
             hit_each += sum(iou_xyxy(map_to_box(m, w, h), meta["bbox"]) >= 0.5 for m in heads)
             n += 1
     model.train()
     return {"n": n, "lm_loss": lm_sum / n, "aux_loss": aux_sum / n, "answer_token_acc": tok_ok / tok_n,
             "answer_exact_acc": ans_ok / n, "heads_acc50_combined": hit / n,
-            "heads_acc50_single_mean": hit_each / (n * len(DESIGNATED_HEADS)), "heads_image_mass": img_mass / n}
+            "heads_acc50_single_mean": hit_each / (n * len(DESIGNATED_HEADS)), "heads_image_mass": img_mass / n,
+            "heads_acc50_relational": hit_rel / max(n_rel, 1), "n_relational": n_rel}
 
 
 def oracle_acc(batches: list) -> float:
@@ -217,12 +235,12 @@ def write_model_card(out: str) -> None:
     chain = training_stages(log)
     stage_rows = "\n".join(
         f"| {i + 1} | {s['steps']} | {s['wall_time_s'] / 60:.1f} | {s['recipe']['lr']} | {s['recipe']['aux_weight']} | "
-        f"{s['recipe'].get('single_object_keep', 1.0)} | {s['seed']} | {s['final_eval']['heads_acc50_combined']:.3f} |"
+        f"{s['recipe'].get('single_object_keep', 1.0)} | {s['recipe'].get('relational_boost', 0.0)} | {s['seed']} | {s['final_eval']['heads_acc50_combined']:.3f} |"
         for i, s in enumerate(chain))
     reproduce = "\n".join(f"    {reproduce_command(s, i > 0)}" for i, s in enumerate(chain))
     stages = f"""
-| stage | steps | minutes | lr | aux weight | 1-object scenes kept | seed | held-out heads Acc@0.5 |
-|---|---|---|---|---|---|---|---|
+| stage | steps | minutes | lr | aux weight | 1-object scenes kept | relational boost | seed | held-out heads Acc@0.5 |
+|---|---|---|---|---|---|---|---|---|
 {stage_rows}
 
 Each stage after the first restarts from the previous stage's weights with a fresh warm-up + cosine
@@ -303,7 +321,8 @@ def reproduce_command(stage: dict, continued: bool) -> str:
     steps = stage.get("total_steps", stage["steps"])  # the schedule length (a run may stop early)
     return (f"python -m lab.train_toy --out models/toy-llava{' --init-from models/toy-llava' if continued else ''} "
             f"--seed {stage['seed']} --steps {steps} --lr {r['lr']} --aux-weight {r['aux_weight']} "
-            f"--single-keep {r.get('single_object_keep', 1.0)}")
+            f"--single-keep {r.get('single_object_keep', 1.0)}"
+            + (f" --relational-boost {r['relational_boost']}" if r.get("relational_boost") else ""))
 
 
 def train(out: str, seed: int, steps: int | None, minutes: float | None, log_path: str | None = None,
@@ -351,7 +370,7 @@ def train(out: str, seed: int, steps: int | None, minutes: float | None, log_pat
     t0 = last_save = time.time()
     step, ema = 0, None
     while step < total:
-        batch = sample_batch(rng, bs, processor, vocab, recipe["single_object_keep"])
+        batch = sample_batch(rng, bs, processor, vocab, recipe["single_object_keep"], recipe["relational_boost"])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, recipe)
         lm, aux, _, _ = forward(model, batch, image_token_id)
@@ -407,6 +426,8 @@ def main(argv=None) -> None:
     ap.add_argument("--init-from", default=None, help="continue from a saved model dir (new schedule)")
     ap.add_argument("--aux-weight", type=float, default=None)
     ap.add_argument("--single-keep", type=float, default=None, help="fraction of 1-object scenes kept")
+    ap.add_argument("--relational-boost", type=float, default=None,
+                    help="probability of a scene's relational expression when it has one")
     ap.add_argument("--log", default=None, help="text log (default OUT/train_log.txt)")
     ap.add_argument("--card-only", action="store_true", help="only (re)write OUT/README.md from its training_log.json")
     args = ap.parse_args(argv)
@@ -415,7 +436,8 @@ def main(argv=None) -> None:
     if (args.steps is None) == (args.minutes is None):
         ap.error("give exactly one of --steps / --minutes")
     overrides = {k: v for k, v in (("lr", args.lr), ("aux_weight", args.aux_weight),
-                                   ("single_object_keep", args.single_keep)) if v is not None}
+                                   ("single_object_keep", args.single_keep),
+                                   ("relational_boost", args.relational_boost)) if v is not None}
     train(args.out, args.seed, args.steps, args.minutes, args.log, args.eval_size, args.threads, overrides, args.init_from)
 
 

@@ -28,3 +28,26 @@ def test_train_three_steps_and_reload(tmp_path):
     heads = json.loads((out / "designated_heads.json").read_text())["heads"]
     assert heads == [list(h) for h in train_toy.DESIGNATED_HEADS]
     assert json.loads((out / "training_log.json").read_text())["steps"] == 2
+
+
+def test_continued_run_card_lists_both_stages_with_reproduce_commands(tmp_path):
+    first, second = tmp_path / "stage1", tmp_path / "stage2"
+    train_toy.train(str(first), seed=0, steps=1, minutes=None, eval_size=2)
+    train_toy.train(str(second), seed=5, steps=1, minutes=None, eval_size=2, init_from=str(first),
+                    overrides={"aux_weight": 4.0, "single_object_keep": 0.3, "relational_boost": 0.5})
+    card = (second / "README.md").read_text()
+    assert "| 1 | 1 |" in card and "| 2 | 1 |" in card
+    assert "--seed 0 --steps 1 --lr 0.001 --aux-weight 2.0 --single-keep 1.0\n" in card
+    assert ("--init-from models/toy-llava --seed 5 --steps 1 --lr 0.001 --aux-weight 4.0 --single-keep 0.3 "
+            "--relational-boost 0.5") in card
+
+
+def test_relational_boost_one_always_picks_a_relational_expression_when_the_scene_has_one():
+    rng = np.random.default_rng(3)
+    scenes = [tw.make_scene(rng) for _ in range(60)]
+    with_relational = [s for s in scenes if any(" on the " in e for _, e in s.expressions)]
+    assert with_relational and len(with_relational) < len(scenes)
+    for scene in scenes:
+        i, expr = train_toy.pick_expression(scene, rng, relational_boost=1.0)
+        assert (i, expr) in scene.expressions
+        assert (" on the " in expr) == (scene in with_relational)
