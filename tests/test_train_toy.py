@@ -51,3 +51,20 @@ def test_relational_boost_one_always_picks_a_relational_expression_when_the_scen
         i, expr = train_toy.pick_expression(scene, rng, relational_boost=1.0)
         assert (i, expr) in scene.expressions
         assert (" on the " in expr) == (scene in with_relational)
+
+
+def test_patch_labels_name_the_owning_objects_shape_and_size_and_ignore_partly_covered_patches():
+    scene = tw.make_scene(np.random.default_rng(11))
+    labels = train_toy.patch_attribute_labels(scene)  # [2, 196]: shape (+ background), size
+    assert labels.shape == (2, 196)
+    cov = np.stack([tw.oracle_grid_map(o.mask, scene.width, scene.height).reshape(-1) for o in scene.objects])
+    for p in range(196):
+        k, most = int(cov[:, p].argmax()), cov[:, p].max()
+        if most >= 0.5:
+            assert labels[0, p] == tw.SHAPES.index(scene.objects[k].shape)
+            assert labels[1, p] == tw.SIZES.index(scene.objects[k].size)
+        elif most < 0.05:
+            assert (labels[0, p], labels[1, p]) == (len(tw.SHAPES), -100)
+        else:
+            assert (labels[:, p] == -100).all()
+    assert (labels[0] == len(tw.SHAPES)).any() and (labels[0] < len(tw.SHAPES)).any()
