@@ -158,7 +158,7 @@ def build_checkpoint(profile: Profile, out: Path) -> Path:
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size="2GB")   # small shards: saving buffers one shard in memory
     del model
     build_processor(profile).save_pretrained(out)
     return out
@@ -577,12 +577,17 @@ def run_benchmark(profile: Profile) -> tuple[dict, float]:
     with tempfile.TemporaryDirectory(prefix="bench_collect_") as tmp:
         work = Path(tmp)
         log(f"building random {profile.name} checkpoint")
-        ckpt = build_checkpoint(profile, work / "ckpt")
         if profile.memory_only:
+            # Built in a child process: a 7B model freed here could leave its pages in this
+            # process's heap while the probes load their own copy.
+            ckpt = work / "ckpt"
+            subprocess.run([sys.executable, __file__, "--build-checkpoint", json.dumps([profile.name, str(ckpt)])],
+                           check=True)
             m["memory"] = cpu_memory_all(profile, ckpt)
             log(f"extra peak MB {m['memory']}")
             m["load_after"] = os.getloadavg()[0]
             return m, time.perf_counter() - start
+        ckpt = build_checkpoint(profile, work / "ckpt")
         adapters = load_adapters(profile, ckpt)
         if profile.device == "cuda":
             m["flops"] = {"peak": matmul_rate()}
@@ -619,11 +624,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, smoke test; writes nothing")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--build-checkpoint", help=argparse.SUPPRESS)   # internal: [profile, folder]
     parser.add_argument("--probe-memory", help=argparse.SUPPRESS)   # internal: one CPU memory measurement
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.build_checkpoint:
+        name, out = json.loads(args.build_checkpoint)
+        build_checkpoint(PROFILES[name], Path(out))
+        return
     if args.probe_memory:
         print(json.dumps(probe_memory(json.loads(args.probe_memory))))
         return
