@@ -335,6 +335,10 @@ e.g. `red circle big left top </s>` (hpos/vpos: thirds of the canvas).
 | designated heads, attention mass on image tokens | {ev['heads_image_mass']:.3f} |
 | oracle (normalised oracle map, same box rule), Acc@0.5 | {log['oracle_acc50_heldout']:.3f} |
 
+The held-out set draws one expression per scene, so scenes with one object (about a third of them) weigh as much as
+crowded ones; the tool's table below scores every expression of every scene, which weighs crowded scenes more and
+gives lower numbers.
+
 {limitation}Box rule: average the heads' 14x14 maps, keep cells above the map's mean, take the 8-connected component with
 the most attention, map its cells' union box back to original pixels (undoing the pad-to-square).
 Training curves: `training_log.json` (`evals`) and `train_log.txt`.

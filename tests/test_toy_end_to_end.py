@@ -26,7 +26,7 @@ def out(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(toy, out):
-    return toy_report.measure(calib_scenes=40, test_scenes=60, out=out, toy=toy, thresholds=("half_max",), answer=False)
+    return toy_report.measure(calib_scenes=120, test_scenes=60, out=out, toy=toy, thresholds=("half_max",), answer=False)
 
 
 def card() -> dict:
@@ -38,13 +38,10 @@ def test_paper_selection_finds_the_designated_heads(report):
     assert sorted(map(tuple, report["logics"]["paper"]["selected_heads"])) == sorted(map(tuple, report["designated_heads"]))
 
 
-def test_reference_rules_find_them_with_the_papers_entropy(report, toy, out):
-    """The reference code's rules (bottom-row and early-layer filters, per-sample tau) find the
-    designated heads too once the entropy is the paper's component-size one; its mass-weighted
-    entropy prefers heads fixed on one small spot (see the model card)."""
-    selected = toy.run("stage=select", "logic=selection_v1", "logic.entropy.method=size",
-                       f"data.attention_dir={out / 'calib_out' / toy.subdir}")
-    assert sorted(map(tuple, selected["heads"])) == sorted(map(tuple, report["designated_heads"]))
+def test_reference_rules_find_them_too(report):
+    """The reference code's rules (selection_v1: bottom-row and early-layer filters, per-sample tau,
+    mass-weighted entropy, top-5 votes) vote for the same three heads."""
+    assert sorted(map(tuple, report["logics"]["selection_v1"]["selected_heads"])) == sorted(map(tuple, report["designated_heads"]))
 
 
 def test_accuracy_matches_the_model_card_and_beats_every_baseline(report):
