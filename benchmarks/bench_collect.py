@@ -24,7 +24,7 @@ Profiles:   cpu      scaled-down LLaVA-1.5 (text 512 wide, 8 layers, 8 heads; sm
             llava7b  full LLaVA-1.5-7B shape (Llama-7B text, CLIP ViT-L/14-336), float16, GPU only;
                      writes a 14 GB checkpoint to the temp folder and holds three fp16 copies on the GPU
             llava7b_cpu  the same 7B shape in bfloat16 on a CPU with ≥ 24 GB RAM: extra peak memory only,
-                     at N = 620, one probe process at a time (about 15 min on 2 cores)
+                     at N = 620, one probe process at a time (30 min on 2 shared cores)
             --quick  tiny shapes, a smoke test (about a minute); its numbers are not written anywhere
 
 Usage: python benchmarks/bench_collect.py [--profile cpu|llava7b|llava7b_cpu] [--quick] [--no-write] [--threads T]
