@@ -382,6 +382,7 @@ def _collect_items(adapter, items, cfg: DictConfig):
         else:
             good.append((row, path, image))
     groups = [good] if len(good) > 0 else []
+    settings = collect_settings(cfg)
     while groups:
         group = groups.pop(0)
         try:
@@ -395,7 +396,7 @@ def _collect_items(adapter, items, cfg: DictConfig):
             yield str(group[0][0]["id"]), f"{e.__class__.__name__}: {e}"
             continue
         for (row, path, _), record in zip(group, records):
-            record["meta"].update(image_file=path, id=str(row["id"]), collect_settings=collect_settings(cfg))
+            record["meta"].update(image_file=path, id=str(row["id"]), collect_settings=dict(settings))
             if "split" in row:  # stage=select refuses non-train rows unless told otherwise
                 record["meta"]["split"] = str(row["split"])
             yield str(row["id"]), record
