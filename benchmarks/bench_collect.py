@@ -119,24 +119,12 @@ PROFILES = {
 # ---------------------------------------------------------------- checkpoint
 
 def build_processor(profile: Profile):
-    """LlavaProcessor: pad-to-square PIL image processor (no torchvision) + word-level tokenizer
-    whose words are "w0", "w1", ...; "<image>" expands to (image/patch)² tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    """The toy model's kind of processor (pad to square, word-level tokenizer) over the words
+    "w0", "w1", ...; "<image>" expands to (image/patch)² tokens."""
+    from lab.train_toy import word_level_processor
 
     words = SPECIALS + [f"w{i}" for i in range(min(1000, profile.text["vocab_size"]) - len(SPECIALS))]
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    side = profile.vision["image_size"]
-    images = LlavaImageProcessorPil(do_pad=True, size={"height": side, "width": side}, do_center_crop=False,
-                                    crop_size={"height": side, "width": side})
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=profile.vision["patch_size"],
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>")
+    return word_level_processor(words, profile.vision["image_size"], profile.vision["patch_size"])
 
 
 def build_checkpoint(profile: Profile, out: Path) -> Path:

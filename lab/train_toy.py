@@ -55,22 +55,29 @@ PATCH_CLASSES = len(tw.SHAPES) + 1 + len(tw.SIZES)  # shape logits (+ background
 
 # ----------------------------------------------------------------------------- model / processor
 
-def build_processor():
+def word_level_processor(words: list[str], image_size: int, patch: int):
+    """LlavaProcessor with LLaVA-1.5's preprocessing (pad to a square of the CLIP mean colour, resize;
+    PIL only, no torchvision) and a word-level tokenizer over `words`, which must hold <pad> <unk>
+    <s> </s> <image>; "<image>" expands to (image_size / patch)² tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlavaProcessor, PreTrainedTokenizerFast
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    vocab = {w: i for i, w in enumerate(tw.VOCAB)}
+    vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # A BOS first, as in LLaVA: gives heads a place to park attention they don't need.
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     ft = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    ip = LlavaImageProcessorPil(do_pad=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
-                                crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return LlavaProcessor(image_processor=ip, tokenizer=ft, patch_size=PATCH, vision_feature_select_strategy="default",
+    ip = LlavaImageProcessorPil(do_pad=True, size={"height": image_size, "width": image_size}, do_center_crop=False,
+                                crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=ip, tokenizer=ft, patch_size=patch, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, image_token="<image>")
+
+
+def build_processor():
+    return word_level_processor(tw.VOCAB, IMAGE_SIZE, PATCH)
 
 
 def build_model(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int):
@@ -404,7 +411,7 @@ def train(out: str, seed: int, steps: int | None, minutes: float | None, log_pat
         logf.flush()
 
     log = {"recipe": recipe, "designated_heads": [list(h) for h in DESIGNATED_HEADS], "seed": seed,
-           "hardware": f"CPU, {torch.get_num_threads()} torch thread(s), 2-core machine shared with other jobs", "torch": torch.__version__,
+           "hardware": f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__,
            "oracle_acc50_heldout": oracle_acc(eval_batches), "n_params": sum(p.numel() for p in model.parameters()),
            "evals": []}
     if init_from:
