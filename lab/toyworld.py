@@ -159,6 +159,11 @@ def _place_objects(rng: np.random.Generator, width: int, height: int) -> list:
     return placed
 
 
+def is_relational(expression: str) -> bool:
+    """True for expressions that single out their object by position among look-alikes ("... on the left .")."""
+    return " on the " in expression
+
+
 def _expressions_for(objs: list, i: int, width: int, height: int) -> list:
     """All expressions that single out object i among objs; [] if none does."""
     t = objs[i]
