@@ -110,7 +110,8 @@ def measure(calib_scenes: int, test_scenes: int, out: Path, k: int = 3, toy: Toy
                 f"logic.mask.threshold={threshold}")
             evaluation = run("stage=evaluate", f"data.data_file={test_dir / 'data.jsonl'}", f"data.output_dir={pred}")
             entry[threshold] = {"acc@0.5": evaluation["acc@0.5"], "miou": evaluation["miou"],
-                                "missing": evaluation["missing"]}
+                                "missing": evaluation["missing"],
+                                "by_expression": accuracy_by_expression(test_rows, pred / toy.subdir)}
         report["logics"][logic] = entry
 
     # 3. baselines on the test attention files (collected in step 2 under logic=paper).
@@ -121,6 +122,17 @@ def measure(calib_scenes: int, test_scenes: int, out: Path, k: int = 3, toy: Toy
         report["model_answer"] = model_answer_baseline(toy, test_rows, test_dir, out, calib_rows)
     report["wall_seconds"] = round(time.time() - started, 1)
     return report
+
+
+def accuracy_by_expression(rows: list[dict], pred_dir: Path) -> dict:
+    """Acc@0.5 of the written boxes (<id>_bbox.json) for relational expressions ("... on the left .")
+    and for the rest: the two differ in what a head must do (compare positions vs match attributes)."""
+    ious: dict[str, list[float]] = {"relational": [], "attribute": []}
+    for row in rows:
+        box = json.loads((pred_dir / f"{row['id']}_bbox.json").read_text())["bbox_xyxy"]
+        kind = "relational" if toyworld.is_relational(row["prompt"]) else "attribute"
+        ious[kind].append(iou_xyxy(box, row["bbox"]) if box is not None else 0.0)
+    return {kind: accuracy(v) for kind, v in ious.items() if v}
 
 
 def mean_size_fractions(rows: list[dict]) -> dict:
@@ -214,11 +226,17 @@ def format_report(report: dict) -> str:
     answer = report["model_answer"]
     lines.append(f"| model's own answer as a box (ninth of the canvas, mean size) | | {answer['acc@0.5']:.3f} | "
                  f"{answer['miou']:.3f} | {answer['acc@0.5']:.3f} | {answer['miou']:.3f} |")
+    by_kind = report["logics"]["paper"]["half_max"].get("by_expression", {})
     best = {t: report["baselines"][t]["best free head"] for t in THRESHOLDS}
     lines += ["", "Best free (non-designated) head alone: "
               + "; ".join(f"{best[t]['head']} Acc@0.5 {best[t]['acc@0.5']:.3f} ({t})" for t in THRESHOLDS) + ". "
               f"Answer exact match (colour shape size hpos vpos): {answer['answer_exact']:.3f}. "
               f"Wall time {report['wall_seconds']} s on this machine."]
+    if by_kind:
+        lines += ["", "Selected heads (logic=paper, half max) by expression: "
+                  + "; ".join(f"{kind} {r['acc@0.5']:.3f} (n={r['n']})" for kind, r in by_kind.items())
+                  + ". Relational expressions (\"the circle on the left .\") need a head to compare positions among "
+                  "look-alikes; attribute expressions only to match colour, shape and size."]
     return "\n".join(lines)
 
 
