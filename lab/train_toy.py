@@ -182,7 +182,7 @@ def forward(model, batch: dict, image_token_id: int, probe: torch.nn.Module | No
     aux = -(batch["target_map"][:, None] * torch.log(rows + 1e-9)).sum(-1).mean()
     patch = position = torch.zeros(())
     if probe is not None:
-        logits_p = probe(out.hidden_states[0][:, img_pos])  # [B, 196, PATCH_CLASSES]
+        logits_p = probe(out.hidden_states[0][:, img_pos])  # [B, 196, PATCH_CLASSES (+ 2 with position)]
         n_shape = len(tw.SHAPES) + 1
         labels = batch["patch_labels"]  # [B, 2, 196]
         patch = (F.cross_entropy(logits_p[..., :n_shape].reshape(-1, n_shape), labels[:, 0].reshape(-1), ignore_index=-100)
