@@ -15,6 +15,7 @@ result; the pipeline never sees them.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import time
@@ -125,13 +126,14 @@ def measure(calib_scenes: int, test_scenes: int, out: Path, k: int = 3, toy: Toy
 
 
 def accuracy_by_expression(rows: list[dict], pred_dir: Path) -> dict:
-    """Acc@0.5 of the written boxes (<id>_bbox.json) for relational expressions ("... on the left .")
-    and for the rest: the two differ in what a head must do (compare positions vs match attributes)."""
+    """stage=evaluate's per-row IoUs (evaluation_rows.csv) split into relational expressions ("... on
+    the left .") and the rest: the two differ in what a head must do (compare positions vs match attributes)."""
+    with open(pred_dir / "evaluation_rows.csv", newline="") as f:
+        iou_by_id = {r["id"]: float(r["iou"]) for r in csv.DictReader(f)}
     ious: dict[str, list[float]] = {"relational": [], "attribute": []}
     for row in rows:
-        box = json.loads((pred_dir / f"{row['id']}_bbox.json").read_text())["bbox_xyxy"]
         kind = "relational" if toyworld.is_relational(row["prompt"]) else "attribute"
-        ious[kind].append(iou_xyxy(box, row["bbox"]) if box is not None else 0.0)
+        ious[kind].append(iou_by_id[row["id"]])
     return {kind: accuracy(v) for kind, v in ious.items() if v}
 
 

@@ -167,6 +167,16 @@ def patch_attribute_labels(scene: tw.Scene) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- losses / eval
 
+def build_probe(hidden_size: int, with_position: bool) -> torch.nn.Linear:
+    """The patch probe (discarded after training): PATCH_CLASSES attribute logits, then (with_position)
+    a (row, col) read-out."""
+    probe = torch.nn.Linear(hidden_size, PATCH_CLASSES + (2 if with_position else 0))
+    with torch.no_grad():  # position read-out starts at 0: a random one on the large residual stream
+        probe.weight[PATCH_CLASSES:] = 0  # costs a loss of ~50 and, through the clip, the model's first steps
+        probe.bias[PATCH_CLASSES:] = 0
+    return probe
+
+
 def forward(model, batch: dict, image_token_id: int, probe: torch.nn.Module | None = None):
     """Answer loss, aux loss, the designated heads' image rows [B, n_heads, 196], the logits, the
     patch-attribute loss and the patch-position loss (0 without a probe, or a probe without
@@ -418,11 +428,7 @@ def train(out: str, seed: int, steps: int | None, minutes: float | None, log_pat
     model.train()
     probe = None
     if recipe["patch_weight"] or recipe["position_weight"]:
-        n_out = PATCH_CLASSES + (2 if recipe["position_weight"] else 0)
-        probe = torch.nn.Linear(model.config.text_config.hidden_size, n_out)
-        with torch.no_grad():  # position read-out starts at 0: a random one on the large residual stream
-            probe.weight[PATCH_CLASSES:] = 0  # costs a loss of ~50 and, through the clip, the model's first steps
-            probe.bias[PATCH_CLASSES:] = 0
+        probe = build_probe(model.config.text_config.hidden_size, with_position=bool(recipe["position_weight"]))
     params = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     bs = recipe["batch_size"]

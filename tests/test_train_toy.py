@@ -83,13 +83,10 @@ def test_position_loss_is_the_mean_squared_target_for_a_zero_read_out_and_off_wi
     vocab = proc.tokenizer.get_vocab()
     model = train_toy.build_model(len(tw.VOCAB), vocab["<image>"], vocab["<pad>"], vocab["<s>"], vocab["</s>"])
     batch = train_toy.sample_batch(np.random.default_rng(0), 2, proc, vocab)
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, train_toy.PATCH_CLASSES + 2)
+    hidden = model.config.text_config.hidden_size
     with torch.no_grad():
-        probe.weight[train_toy.PATCH_CLASSES:] = 0
-        probe.bias[train_toy.PATCH_CLASSES:] = 0
-        *_, position = train_toy.forward(model, batch, vocab["<image>"], probe)
+        *_, position = train_toy.forward(model, batch, vocab["<image>"], train_toy.build_probe(hidden, with_position=True))
+        *_, patch, no_position = train_toy.forward(model, batch, vocab["<image>"],
+                                                   train_toy.build_probe(hidden, with_position=False))
     assert abs(position.item() - float((train_toy.PATCH_POSITION ** 2).mean())) < 1e-6
-    _, _, _, _, patch, no_position = train_toy.forward(model, batch, vocab["<image>"],
-                                                       torch.nn.Linear(model.config.text_config.hidden_size,
-                                                                       train_toy.PATCH_CLASSES))
     assert no_position.item() == 0.0 and patch.item() > 0
