@@ -389,13 +389,14 @@ def batch_throughput(profile: Profile, ckpt: Path, adapter, work: Path) -> dict:
     """batch size → samples/s of pipeline.run(cfg) (stage=batch). The adapter is handed in, so
     loading the model is outside the timed region; everything else is the real stage."""
     import pipeline
+    import settings
 
     data_file, n_words = write_batch_data(work / "batch_data", profile.batch_rows)
     base = 1 + (profile.vision["image_size"] // profile.vision["patch_size"])**2     # BOS + image tokens
     sizes = (1, 8)
     cfgs = {bs: batch_config(profile, ckpt, data_file, work / f"batch_out_bs{bs}", bs) for bs in sizes}
-    original = pipeline.load_adapter_from
-    pipeline.load_adapter_from = lambda cfg: adapter
+    original = settings.load_adapter_from
+    settings.load_adapter_from = lambda cfg: adapter
     try:
         for bs in sizes:                                   # warm-up: one full run per size
             check_batch_result(pipeline.run(cfgs[bs]), profile.batch_rows)
@@ -408,7 +409,7 @@ def batch_throughput(profile: Profile, ckpt: Path, adapter, work: Path) -> dict:
                 synchronize(profile.device)
                 samples[bs].append(profile.batch_rows / (time.perf_counter() - t0))
     finally:
-        pipeline.load_adapter_from = original
+        settings.load_adapter_from = original
     return {bs: statistics.median(s) for bs, s in samples.items()} | {
         "num_workers": int(cfgs[1].data.num_workers), "n_range": f"{base + min(n_words)}–{base + max(n_words)}"}
 

@@ -26,6 +26,7 @@ import numpy as np
 import analyze as analysis
 import bbox
 import pipeline
+import settings
 from collector import load_attention
 from dataio import read_jsonl
 from evaluate import iou_xyxy
@@ -44,7 +45,7 @@ class Toy:
 
     def __init__(self, model_dir: Path = MODEL_DIR):
         self.model_dir = Path(model_dir)
-        self.subdir = pipeline.sanitize(str(self.model_dir))
+        self.subdir = settings.sanitize(str(self.model_dir))
 
     def run(self, *overrides: str):
         return pipeline.run(pipeline.compose("model=toy", f"model.name={self.model_dir}", "data.num_workers=0", *overrides))

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import pipeline
+import settings
 from collector import load_attention
 from dataio import InputError
 from tests.conftest import write_jsonl
@@ -98,8 +99,8 @@ def test_batch_isolates_failures_and_resumes(hf_checkpoint, images, tmp_path, mo
     a rerun redoes nothing that is complete."""
     data = batch_rows(images, tmp_path)
     loads = []
-    real = pipeline.load_adapter_from
-    monkeypatch.setattr(pipeline, "load_adapter_from", lambda cfg: loads.append(1) or real(cfg))
+    real = settings.load_adapter_from
+    monkeypatch.setattr(settings, "load_adapter_from", lambda cfg: loads.append(1) or real(cfg))
     args = ["stage=batch", *common(hf_checkpoint, tmp_path), f"data.data_file={data}", "data.process_all=true",
             "data.batch_size=2", "logic=paper"]
     result = run_stage(*args)
@@ -245,8 +246,8 @@ def test_rerun_with_new_heads_redoes_boxes_from_saved_attention(hf_checkpoint, i
     folder = outputs(tmp_path, hf_checkpoint)
     attn_stamp = (folder / "wide.pkl").stat().st_mtime_ns
     loads = []
-    real = pipeline.load_adapter_from
-    monkeypatch.setattr(pipeline, "load_adapter_from", lambda cfg: loads.append(1) or real(cfg))
+    real = settings.load_adapter_from
+    monkeypatch.setattr(settings, "load_adapter_from", lambda cfg: loads.append(1) or real(cfg))
     result = run_stage(*args, "logic.heads=[[1,1]]")
     summary = json.loads((folder / "wide_bbox.json").read_text())
     assert result["written"] == 1 and loads == []

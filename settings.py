@@ -1,0 +1,90 @@
+"""What a run's config means: where the model and its outputs live, what each output depends on
+(so resume can tell a current file from a stale one), the fixed heads, and the loaded adapter."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from dataio import InputError
+
+REPO = Path(__file__).resolve().parent
+ATTN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def model_path(name: str) -> str:
+    """A relative local folder is looked up from here, then from the repository (model=toy)."""
+    p = Path(name).expanduser()
+    if not p.is_absolute() and not p.exists() and (REPO / p).is_dir():
+        return str(REPO / p)
+    return name
+
+
+def sanitize(name: str) -> str:
+    p = Path(name)
+    stem = p.name if p.is_dir() else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
+
+
+def model_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.data.output_dir) / sanitize(model_path(str(cfg.model.name)))
+
+
+def collect_settings(cfg: DictConfig) -> dict:
+    """What an attention file depends on besides its image and query (kept in its meta)."""
+    keys = ("conv_mode", "attn_capture", "use_generate", "max_new_tokens", "do_sample", "num_beams", "dtype")
+    return {"model": model_path(str(cfg.model.name)), **{k: cfg.model.get(k) for k in keys},
+            "attn_dtype": str(cfg.data.attn_dtype)}   # plain str/int/bool: survives weights-only loading
+
+
+def box_settings(cfg: DictConfig) -> dict:
+    """What a box depends on besides the attention: the logic, with fixed heads resolved."""
+    heads, _ = fixed_heads(cfg.logic)
+    # As it reads back from <id>_bbox.json, so a rerun compares like with like.
+    return json.loads(json.dumps({"logic": OmegaConf.to_container(cfg.logic, resolve=True), "heads": heads}))
+
+
+def gen_kwargs(cfg: DictConfig) -> dict:
+    return {"max_new_tokens": int(cfg.model.max_new_tokens), "do_sample": bool(cfg.model.do_sample),
+            "num_beams": int(cfg.model.num_beams)}
+
+
+def attn_dtype(cfg: DictConfig) -> torch.dtype:
+    name = str(cfg.data.attn_dtype)
+    if name not in ATTN_DTYPES:
+        raise InputError(f"data.attn_dtype={name!r} is unknown; use float16 or float32")
+    return ATTN_DTYPES[name]
+
+
+def load_adapter_from(cfg: DictConfig):
+    from llava.adapter import load_adapter
+
+    model_cfg = OmegaConf.merge(cfg.model, {"name": model_path(str(cfg.model.name))})
+    return load_adapter(model_cfg, str(cfg.model.attn_capture))
+
+
+def fixed_heads(logic: DictConfig) -> tuple[list[tuple[int, int]] | None, str]:
+    """logic.heads: None (per-sample ranking), a selected_heads.json path, or [[layer, head], ...]."""
+    heads = logic.get("heads")
+    if heads is None:
+        return None, f"per-sample top-{int(logic.top_k)}"
+    if isinstance(heads, (list, ListConfig)):
+        pairs, source = list(heads), "logic.heads"
+    else:
+        path = Path(str(heads))
+        if not path.is_file():
+            raise InputError(f"logic.heads={heads}: file not found (expected selected_heads.json from stage=select)")
+        try:
+            pairs, source = json.loads(path.read_text())["heads"], str(path)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{path}: not a heads file (expected JSON with 'heads': [[layer, head], ...])") from None
+    try:
+        parsed = [(int(l), int(h)) for l, h in pairs]
+    except (TypeError, ValueError):
+        raise InputError(f"logic.heads from {source}: expected [[layer, head], ...], got {pairs}") from None
+    if not parsed:
+        raise InputError(f"logic.heads from {source} is empty")
+    return parsed, f"fixed ({source})"
