@@ -27,8 +27,9 @@ from PIL import Image
 
 from capture import AttentionCapture
 from dataio import InputError, atomic_write_bytes
-from llava.adapter import Adapter, Prepared, position_ids_from_mask
-from llava.geometry import Geometry, compute_geometry
+from adapters.base import Adapter, Prepared
+from layout import Layout, legacy_keys
+from llava.geometry import compute_geometry
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,14 @@ def _rows_from_eager(attentions, num_layers: int, batch: int) -> torch.Tensor:
 @torch.inference_mode()
 def capture_rows(adapter: Adapter, prepared: Prepared, *, attn_capture: str = "sdpa") -> torch.Tensor:
     """One forward pass over a prepared batch; the last position's rows [L, B, H, N]."""
-    inputs = prepared.inputs
+    inputs = adapter.call_inputs(prepared)
     batch = inputs["attention_mask"].shape[0]
     eager = attn_capture == "eager"
     capture = AttentionCapture(max_steps=1)
     # logits_to_keep=1: the [B, N, vocab] logits are never used and would be the largest tensor
     # of the pass after eager's maps.
-    out = adapter.model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]),
-                        output_attentions=eager, attention_capture=None if eager else capture, use_cache=False,
-                        logits_to_keep=1)
+    out = adapter.model(**inputs, output_attentions=eager, attention_capture=None if eager else capture,
+                        use_cache=False, logits_to_keep=1)
     rows = _rows_from_eager(out.attentions, adapter.num_layers, batch) if eager else capture.layers(0, adapter.num_layers)
     return _checked(rows, adapter, batch)
 
@@ -115,21 +115,24 @@ def collect(adapter: Adapter, images: list[Image.Image], queries: list[str], *, 
         rows, texts = generate_then_capture(adapter, prepared, attn_capture=attn_capture, gen_kwargs=gen_kwargs)
     else:
         rows, texts = capture_rows(adapter, prepared, attn_capture=attn_capture), None
-    positions = prepared.image_positions.to(rows.device)                     # [B, V]
     records = []
-    for b, (query, geometry) in enumerate(zip(queries, prepared.geometry)):
-        attn = rows[:, b][:, :, positions[b]].unsqueeze(2).cpu()              # [L, H, 1, V]
+    for b, (query, layout) in enumerate(zip(queries, prepared.layouts)):
+        positions = prepared.image_positions[b].to(rows.device)              # [V_b]
+        if positions.numel() != layout.num_tokens:
+            raise RuntimeError(f"row {b}: {positions.numel()} image tokens, its layout has {layout.num_tokens}")
+        attn = rows[:, b][:, :, positions].unsqueeze(2).cpu()                 # [L, H, 1, V_b]
         meta = {
             "format": FORMAT,
             "query": query,
             "prompt": prepared.prompts[b],
             "model_name": adapter.model_name,
-            "image_size": list(geometry.image_size),
-            "grid": list(geometry.grid),
-            "vis_len": int(positions.shape[1]),
+            "family": getattr(adapter, "family", None),
+            "image_size": list(layout.image_size),
+            "vis_len": int(positions.numel()),
             "num_layers": adapter.num_layers,
             "num_heads": adapter.num_heads,
-            "geometry": geometry.to_dict(),
+            "layout": layout.to_dict(),
+            **legacy_keys(layout),
             "mode": "generate" if use_generate else "forward",
             "attn_capture": attn_capture,
             "model_dtype": str(adapter.dtype).removeprefix("torch."),
@@ -201,7 +204,7 @@ def _complete_meta(meta: dict, attn: torch.Tensor, path: Path) -> dict:
     """Reference-code files carry no grid or geometry. LLaVA-1.5 (the only model that code runs)
     has a square CLIP grid and pads to square, so that is assumed — and logged."""
     num_vis = attn.shape[-1]
-    if "geometry" not in meta:
+    if "layout" not in meta and "geometry" not in meta:
         if "image_size" not in meta:
             raise InputError(f"{path}: meta has no 'image_size'; cannot place the map on the image")
         side = math.isqrt(num_vis)
@@ -211,10 +214,13 @@ def _complete_meta(meta: dict, attn: torch.Tensor, path: Path) -> dict:
         log.warning("%s: reference-format file; assuming grid %s over the image padded to square", path, grid)
         meta["geometry"] = compute_geometry(tuple(meta["image_size"]), grid, pad=True).to_dict()
         meta["grid"] = list(grid)
-    geometry = Geometry.from_dict(meta["geometry"])
-    if geometry.grid[0] * geometry.grid[1] != num_vis:
-        raise InputError(f"{path}: grid {geometry.grid} does not match V={num_vis} visual tokens")
-    meta.setdefault("grid", list(geometry.grid))
+    try:
+        layout = Layout.from_meta(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: meta has no valid layout ({e.__class__.__name__}: {e})") from None
+    if layout.num_tokens != num_vis:
+        raise InputError(f"{path}: layout {[m.grid for m in layout.maps]} does not match V={num_vis} visual tokens")
+    meta["layout"] = layout.to_dict()
     meta.setdefault("num_layers", attn.shape[0])
     meta.setdefault("num_heads", attn.shape[1])
     return meta

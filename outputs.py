@@ -12,12 +12,14 @@ import analyze as analysis
 import bbox
 import viz
 from collector import load_image
+from layout import analysis_record
 from dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, safe_output_path
 from settings import box_settings, fixed_heads
 
 
 def run_analysis(record: dict, cfg: DictConfig) -> dict:
-    return analysis.analyze(record["attn"], tuple(record["meta"]["grid"]), cfg.logic)
+    view = analysis_record(record)
+    return analysis.analyze(view["attn"], tuple(view["meta"]["grid"]), cfg.logic)
 
 
 def heads_for(result: dict, record: dict, cfg: DictConfig) -> tuple[list[dict], str]:
@@ -41,6 +43,7 @@ def heads_for(result: dict, record: dict, cfg: DictConfig) -> tuple[list[dict], 
 def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: DictConfig, *,
                   figure: bool) -> dict:
     """<id>_analysis.pkl, <id>_mask.png, <id>_bbox.json and (figure=True) <id>_top{K}.png."""
+    record = analysis_record(record)
     heads, source = heads_for(result, record, cfg)
     loc = bbox.localize(record["attn"], record["meta"], [(h["layer"], h["head"]) for h in heads], cfg.logic)
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_analysis.pkl"), pickle.dumps(result))

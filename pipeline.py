@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import analyze as analysis
 from collector import collect, load_attention, load_image, save_attention
 from dataio import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, safe_output_path
+from layout import analysis_record
 from outputs import load_analysis, run_analysis, write_outputs
 import settings
 from settings import REPO, attn_dtype, collect_settings, gen_kwargs, model_dir
@@ -97,7 +98,8 @@ def stage_select(cfg: DictConfig) -> dict:
         models.add(record["meta"].get("model_name"))
         if record["meta"].get("split", "train") != "train":
             held_out.append(f"{p.name} (split={record['meta']['split']})")
-        tables.append(analysis.measure_heads(record["attn"], tuple(record["meta"]["grid"]), cfg.logic))
+        view = analysis_record(record)
+        tables.append(analysis.measure_heads(view["attn"], tuple(view["meta"]["grid"]), cfg.logic))
     if len({(t.attn_sum.size, t.num_heads) for t in tables}) != 1:
         raise InputError(f"{folder}: attention files of different model shapes; select one model at a time")
     if held_out and not cfg.logic.select.allow_non_train:

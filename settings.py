@@ -60,7 +60,7 @@ def attn_dtype(cfg: DictConfig) -> torch.dtype:
 
 
 def load_adapter_from(cfg: DictConfig):
-    from llava.adapter import load_adapter
+    from adapters import load_adapter
 
     model_cfg = OmegaConf.merge(cfg.model, {"name": model_path(str(cfg.model.name))})
     return load_adapter(model_cfg, str(cfg.model.attn_capture))

@@ -1,7 +1,7 @@
 """Benchmark of attention-row collection (issue #5): speed, memory and correctness of the capture.
 
 A LLaVA-shaped model with RANDOM weights is built from configs (nothing is downloaded), saved with
-its processor to a temp folder, and loaded back through the project's own `llava.adapter.load_adapter`,
+its processor to a temp folder, and loaded back through the project's own `adapters.load_adapter`,
 so the measured code is the code users run. Everything in the printed table comes from one run:
 
   time        plain SDPA forward vs capture (`collector.capture_rows(..., attn_capture="sdpa")`) vs
@@ -155,7 +155,7 @@ def build_checkpoint(profile: Profile, out: Path) -> Path:
 def load_adapters(profile: Profile, ckpt: Path, modes=MODES) -> dict:
     """mode → adapter, each loaded by `load_adapter`. "plain" is loaded like "capture" and then
     switched to transformers' stock "sdpa" for the text model (no capture function at all)."""
-    from llava.adapter import load_adapter
+    from adapters import load_adapter
 
     cfg = OmegaConf.create({"name": str(ckpt), "device": profile.device, "dtype": profile.dtype,
                             "conv_mode": "plain", "cache_dir": None})
@@ -209,11 +209,7 @@ def prepare_n(adapter, n_tokens: int):
 def plain_forward(adapter, prepared) -> torch.Tensor:
     """The stock SDPA forward the capture must not slow down, doing the collector's work minus the
     capture (logits of the last position only, as collector.capture_rows asks): [B, 1, vocab]."""
-    from llava.adapter import position_ids_from_mask
-
-    inputs = prepared.inputs
-    return adapter.model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]),
-                         use_cache=False, logits_to_keep=1).logits
+    return adapter.model(**adapter.call_inputs(prepared), use_cache=False, logits_to_keep=1).logits
 
 
 def mode_call(mode: str, adapter, prepared) -> Callable[[], torch.Tensor]:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image
 
+from layout import Layout
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -26,6 +28,10 @@ class Geometry:
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def layout(self) -> Layout:
+        """The one-map layout of this grid."""
+        return Layout.single(self.method, self.image_size, self.grid, self.grid_box)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Geometry":

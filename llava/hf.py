@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from llava.adapter import Adapter, Prepared
+from adapters.base import Adapter, Prepared
 from llava.conversation import build_prompt
 from llava.geometry import geometry_from_image_processor
 
@@ -47,9 +47,9 @@ class HFLlavaAdapter(Adapter):
         if not torch.all(counts == rows * cols):
             raise RuntimeError(f"expected {rows * cols} image tokens per row for grid {self.grid}, got "
                                f"{counts.tolist()}; vision_feature_select_strategy must drop CLS")
-        image_positions = is_image.nonzero()[:, 1].view(len(prompts), rows * cols)  # [B, V]
-        geometry = [geometry_from_image_processor(self.processor.image_processor, im.size, self.grid, self.pad)
-                    for im in images]
+        image_positions = [row.nonzero()[:, 0] for row in is_image]                 # per row [V]
+        layouts = [geometry_from_image_processor(self.processor.image_processor, im.size, self.grid, self.pad).layout()
+                   for im in images]
         inputs = {k: v.to(self.device) for k, v in batch.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return Prepared(inputs, image_positions, geometry, prompts)
+        return Prepared(inputs, image_positions, layouts, prompts)

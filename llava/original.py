@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, Lla
 from transformers.utils import cached_file
 
 from dataio import InputError
-from llava.adapter import Adapter, Prepared
+from adapters.base import Adapter, Prepared
 from llava.conversation import build_prompt
 from llava.geometry import expand2square, geometry_from_image_processor
 
@@ -76,6 +76,8 @@ def load_projector_state(name: str, cache_dir: str | None) -> dict[str, torch.Te
 
 
 class OriginalLlavaAdapter(Adapter):
+    image_token = "<image>"     # LLaVA's placeholder; the projected features are spliced in its place
+
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
         super().__init__(cfg, device, dtype)
         cache_dir = self.cache_dir
@@ -136,13 +138,13 @@ class OriginalLlavaAdapter(Adapter):
         num_vis = features.shape[1]
         inputs_embeds = features.new_zeros(len(rows), length, features.shape[-1])   # [B, N, D]
         attention_mask = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
-        image_positions = torch.empty(len(rows), num_vis, dtype=torch.long)
+        image_positions = []
         for b, (image_at, emb) in enumerate(rows):
             offset = length - emb.shape[0]                            # left padding
             inputs_embeds[b, offset:] = emb
             attention_mask[b, offset:] = 1
-            image_positions[b] = offset + image_at + torch.arange(num_vis)
-        geometry = [geometry_from_image_processor(self.image_processor, im.size, self.grid, self.pad)
-                    for im in images]
+            image_positions.append(offset + image_at + torch.arange(num_vis))
+        layouts = [geometry_from_image_processor(self.image_processor, im.size, self.grid, self.pad).layout()
+                   for im in images]
         return Prepared({"inputs_embeds": inputs_embeds, "attention_mask": attention_mask},
-                        image_positions, geometry, prompts)
+                        image_positions, layouts, prompts)

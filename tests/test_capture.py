@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from collector import capture_rows, collect
-from llava.adapter import load_adapter
+from adapters import load_adapter
 
 
 def model_cfg(path, **overrides):

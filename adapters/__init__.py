@@ -1,0 +1,105 @@
+"""The family registry: which adapter runs a checkpoint, chosen from the checkpoint's own config.json.
+
+Every family lives in one module behind the interface of adapters/base.py; this module imports none
+of them until it loads one (FAMILIES names them by "module:Class"), so there is no import cycle.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from capture import register_capture
+from dataio import InputError
+
+# family → "module:Class". model.family=auto picks one with detect_family().
+FAMILIES = {
+    "llava_original": "llava.original:OriginalLlavaAdapter",
+    "llava_hf": "llava.hf:HFLlavaAdapter",
+}
+# config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
+MODEL_TYPES = {
+    "llava": "llava_hf",
+}
+
+
+def resolve_device(device: str, device_id: int) -> torch.device:
+    if device == "auto":
+        return torch.device(f"cuda:{device_id}" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"model.device={device} but CUDA is not available; use model.device=cpu or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise InputError(f"model.dtype={dtype!r} is unknown; use auto, float32, float16 or bfloat16") from None
+
+
+def read_checkpoint_config(name: str, cache_dir: str | None) -> dict:
+    """config.json of a local folder or hub repo, as raw JSON (AutoConfig would misread the
+    original LLaVA format, whose model_type "llava" names the Hugging Face class)."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        path = local / "config.json"
+        if not path.is_file():
+            raise InputError(f"{local}: no config.json; model.name must be a checkpoint folder or hub id")
+    else:
+        from transformers.utils import cached_file
+
+        try:
+            path = cached_file(name, "config.json", cache_dir=cache_dir)
+        except OSError as e:
+            raise InputError(f"model.name={name!r}: cannot fetch config.json ({e.__class__.__name__}); "
+                             "check the id, your network, or point model.name at a local folder") from None
+    return json.loads(Path(path).read_text())
+
+
+def detect_family(config: dict) -> str:
+    """The family of a checkpoint from its raw config.json."""
+    if "mm_vision_tower" in config or "LlavaLlamaForCausalLM" in config.get("architectures", []):
+        return "llava_original"
+    family = MODEL_TYPES.get(config.get("model_type"))
+    if family is None or (family == "llava_hf" and "vision_config" not in config):
+        raise InputError(f"unsupported checkpoint (model_type={config.get('model_type')!r}, "
+                         f"architectures={config.get('architectures')}); supported model types: "
+                         f"{', '.join(sorted(MODEL_TYPES))} and original LLaVA-1.5 (model.family=<name> forces one of "
+                         f"{', '.join(sorted(FAMILIES))})")
+    return family
+
+
+def adapter_class(family: str):
+    if family not in FAMILIES:
+        raise InputError(f"model.family={family!r} is unknown; use auto or one of {', '.join(sorted(FAMILIES))}")
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_adapter(model_cfg, attn_capture: str = "sdpa"):
+    """Load the checkpoint named by model_cfg.name once; attn_capture: "sdpa" (capturing function)
+    or "eager" (output_attentions=True)."""
+    if model_cfg.get("cache_dir"):
+        # Libraries that read the environment rather than our argument (hub downloads of the
+        # vision tower inside transformers) see the same cache.
+        os.environ["HF_HOME"] = os.environ["HF_HUB_CACHE"] = str(model_cfg.cache_dir)
+    if model_cfg.get("use_flash_attn"):
+        raise InputError("model.use_flash_attn=true cannot return attention rows; keep it false "
+                         "(the default capture already runs SDPA for the forward pass)")
+    text_attn = {"sdpa": register_capture(), "eager": "eager"}.get(attn_capture)
+    if text_attn is None:
+        raise InputError(f"model.attn_capture={attn_capture!r} is unknown; use sdpa or eager")
+    device = resolve_device(str(model_cfg.device), int(model_cfg.get("device_id", 0)))
+    dtype = resolve_dtype(str(model_cfg.get("dtype", "auto")), device)
+    raw = read_checkpoint_config(str(model_cfg.name), model_cfg.get("cache_dir"))
+    family = str(model_cfg.get("family") or "auto")
+    family = detect_family(raw) if family == "auto" else family
+    adapter = adapter_class(family)(model_cfg, raw, text_attn=text_attn, device=device, dtype=dtype)
+    adapter.family = family
+    return adapter

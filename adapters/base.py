@@ -1,0 +1,99 @@
+"""The one interface between the pipeline and a model family.
+
+An adapter loads its checkpoint, builds the family's prompt, turns (image, expression) pairs into the
+exact model call, finds each row's image CELL tokens, and says where they lie on the image (a
+layout.Layout per row). The collector calls only what is here and never asks which model it has.
+Query token: the last prompt token (the end of the expression, or the end of the generation prompt
+when the family's template adds one — each adapter states which).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from layout import Layout
+
+
+@dataclass
+class Prepared:
+    """A batch ready for the model call.
+
+    inputs: keyword tensors of the call (left-padded: every row's last real token is at the end).
+    image_positions: per row, [V_b] key index of each cell token in the layout's order (rows of a
+        batch may hold different numbers of image tokens; separators are not listed).
+    layouts: per row, where those cells lie on that row's original image.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    image_positions: list[torch.Tensor]
+    layouts: list[Layout]
+    prompts: list[str] = field(default_factory=list)
+
+    def with_inputs(self, inputs: dict[str, torch.Tensor]) -> "Prepared":
+        return Prepared(inputs, self.image_positions, self.layouts, self.prompts)
+
+
+class Adapter:
+    """Base class; a family sets the attributes in __init__ and implements prepare()."""
+
+    family: str                # registry name
+    model_name: str
+    model: torch.nn.Module     # the module whose forward/generate take call_inputs(prepared)
+    tokenizer: object
+    num_layers: int
+    num_heads: int
+    conv_mode: str
+    device: torch.device
+    dtype: torch.dtype
+    # Extra arguments for model.generate (e.g. never emit the image placeholder).
+    generate_kwargs: dict = {}
+
+    def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
+        """What every family reads from the model config; subclasses load the rest."""
+        self.model_name = str(cfg.name)
+        self.conv_mode = str(cfg.get("conv_mode", "auto"))
+        self.cache_dir = cfg.get("cache_dir") or None
+        self.device, self.dtype = device, dtype
+
+    def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
+        raise NotImplementedError
+
+    def call_inputs(self, prepared: Prepared) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the exact forward call. Default: positions counted from each row's
+        first real token, because LLaVA-style models would otherwise shift left-padded rows.
+        Families with their own position scheme (Qwen's M-RoPE) override this and pass none."""
+        inputs = dict(prepared.inputs)
+        inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
+        return inputs
+
+    def append_tokens(self, prepared: Prepared, token_ids: torch.Tensor) -> Prepared:
+        """The batch with one more token [B] at the end of every row (image positions unchanged)."""
+        inputs = dict(prepared.inputs)
+        ones = inputs["attention_mask"].new_ones(token_ids.shape[0], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], ones], dim=1)
+        if "input_ids" in inputs:
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], token_ids[:, None]], dim=1)
+        else:
+            new = self.model.get_input_embeddings()(token_ids[:, None])                 # [B, 1, D]
+            inputs["inputs_embeds"] = torch.cat([inputs["inputs_embeds"], new], dim=1)
+        for key in ("mm_token_type_ids", "token_type_ids"):   # text tokens are type 0
+            if key in inputs:
+                inputs[key] = torch.cat([inputs[key], inputs[key].new_zeros(token_ids.shape[0], 1)], dim=1)
+        return prepared.with_inputs(inputs)
+
+    def decode_generated(self, sequences: torch.Tensor, prepared: Prepared) -> list[str]:
+        """Text of the new tokens; `sequences` is what model.generate returned."""
+        prompt_len = prepared.inputs["input_ids"].shape[1] if "input_ids" in prepared.inputs else 0
+        return self.tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, N] positions that start at 0 on each row's first real token (left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_positions(input_ids: torch.Tensor, token_id: int) -> list[torch.Tensor]:
+    """Per row of [B, N] ids, the [V_b] positions holding `token_id`, in order."""
+    return [row.eq(token_id).nonzero()[:, 0].cpu() for row in input_ids]
