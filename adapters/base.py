@@ -89,6 +89,28 @@ class Adapter:
         return self.tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
 
 
+QUERY_AT = ("expression", "generation_prompt")
+
+
+def chat_prompt(processor, query: str, query_at: str = "expression") -> str:
+    """The family's own chat template with the image and the expression in the user turn.
+
+    query_at "expression" (default, the paper's protocol): the prompt ends with the expression's last
+    token — the template's text after it (end of turn, assistant header) is cut off. "generation_prompt":
+    the whole user turn plus the assistant header, so the query is the last token of that header."""
+    if query_at not in QUERY_AT:
+        raise ValueError(f"model.query_at={query_at!r} is unknown; use one of {QUERY_AT}")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": query}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=query_at == "generation_prompt",
+                                         tokenize=False)
+    if query_at == "generation_prompt":
+        return text
+    end = text.rfind(query)
+    if end < 0:
+        raise ValueError(f"the chat template does not contain the expression {query!r} verbatim")
+    return text[: end + len(query)]
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, N] positions that start at 0 on each row's first real token (left padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
