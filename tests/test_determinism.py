@@ -88,3 +88,14 @@ def test_no_head_passing_still_gives_an_answer(hf_checkpoint, images, tmp_path):
     assert "min_keep=1" in summary["heads_source"]
     assert (folder / "sample_top5.png").stat().st_size > 1000
     assert json.loads((folder / "sample_bbox.json").read_text())["heads_source"] == summary["heads_source"]
+
+
+def test_an_empty_fallback_still_writes_every_output(hf_checkpoint, images, tmp_path):
+    """min_keep=0 and no eligible head: no heads, an empty mask, bbox null, figure drawn, reason given."""
+    summary = run_stage("stage=pipeline", *base(hf_checkpoint, tmp_path, "selection_v1"),
+                        f"data.image_file={images['wide']}", "data.query=a cat", "logic.filters.min_layer=3",
+                        "logic.threshold.min_keep=0")
+    assert summary["selected_heads"] == [] and summary["bbox_xyxy"] is None
+    assert summary["heads_source"].startswith("fallback: no head passed") and "min_keep=0" in summary["heads_source"]
+    folder = tmp_path / hf_checkpoint.name
+    assert (folder / "sample_top5.png").is_file() and (folder / "sample_mask.png").is_file()
