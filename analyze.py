@@ -2,13 +2,16 @@
 
 Per sample (method.md §3), on attn [L, H, 1, V] reshaped to maps [L·H, rows, cols]:
   1. criterion 1 — image attention S = Σ map; keep heads with S ≥ τ, τ the chord elbow of the
-     sorted S (at least `min_keep` heads survive);
+     sorted S;
   2. criterion 2 — spatial entropy of the map's 8-connected foreground components (lower = more
      concentrated); "size" (paper: foreground > mean, P_i ∝ |C_i|) or "mass" (reference code:
      B = ReLU(A − 2·mean), foreground B > binarize_threshold, P_i = Σ_{C_i} B / Σ B, +inf if Σ B = 0);
   3. optional filters: bottom-row focus (an attention-sink artefact) and early layers;
-  4. survivors ranked by entropy ascending (ties: larger S first).
-Over a dataset (§4): each sample's `per_sample` best heads get one vote; the k most-voted heads
+  4. survivors ranked by entropy ascending, compared rounded to multiples of ENTROPY_TIE_TOL; equal
+     rounded entropies are ties, broken by the larger S, then the smaller (layer, head);
+  5. nothing survives → the reference code's fallback: the `min_keep` heads with the largest S.
+Over a dataset (§4): each sample's `per_sample` best heads get one vote (a sample where no head
+passes votes for none: the fallback is a per-sample answer, not evidence); the k most-voted heads
 are the model's localization heads. τ comes from S averaged over the set (scope=dataset, paper)
 or from each sample (scope=sample, reference code).
 
@@ -22,6 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+# Entropies are compared on a grid of this step, so float noise never orders two heads. In float64
+# a one-component head's entropy is 0 ± ~1e-16 (its P is 1 ± 1e-16); on the parity fixture's toy
+# samples the smallest real entropy is 6.4e-5 and the smallest real gap between two heads 7.2e-7.
+ENTROPY_TIE_TOL = 1e-9
 
 # 8-connectivity inside each [rows, cols] slice, none across the head axis.
 _EIGHT_CONNECTED_PER_HEAD = np.zeros((3, 3, 3), dtype=bool)
@@ -117,30 +125,51 @@ def measure_heads(attn, grid: tuple[int, int], logic) -> HeadTable:
                      bottom_row_focus(maps, float(logic.filters.bottom_row_threshold)))
 
 
+def entropy_key(entropy: np.ndarray) -> np.ndarray:
+    """Entropy [N] rounded to the nearest multiple of ENTROPY_TIE_TOL (+inf stays +inf): the value
+    ranking compares. Equal keys are ties."""
+    return np.round(np.asarray(entropy, dtype=np.float64) / ENTROPY_TIE_TOL)
+
+
 def rank_heads(table: HeadTable, logic, tau: float | None = None) -> list[int]:
-    """Flat head indices that pass criterion 1 and the filters, best (lowest entropy) first.
-    τ: given (dataset scope) or the chord elbow of this sample's sums."""
+    """Flat head indices that pass criterion 1 and the filters, best first: entropy ascending (on
+    the ENTROPY_TIE_TOL grid), then larger attention sum, then smaller (layer, head).
+    τ: given (dataset scope) or the chord elbow of this sample's sums. May be empty."""
     tau = chord_elbow(table.attn_sum) if tau is None else tau
-    passed = table.attn_sum >= tau
-    min_keep = int(logic.threshold.min_keep)
-    if passed.sum() < min_keep:
-        passed[np.argsort(-table.attn_sum, kind="stable")[:min_keep]] = True
-    layer = np.arange(table.attn_sum.size) // table.num_heads
-    keep = passed & (layer >= int(logic.filters.min_layer)) & np.isfinite(table.entropy)
+    index = np.arange(table.attn_sum.size)
+    keep = (table.attn_sum >= tau) & (index // table.num_heads >= int(logic.filters.min_layer)) \
+        & np.isfinite(table.entropy)
     if logic.filters.bottom_row:
         keep &= ~table.bottom_row
     candidates = np.flatnonzero(keep)
-    order = np.lexsort((-table.attn_sum[candidates], table.entropy[candidates]))
+    order = np.lexsort((candidates, -table.attn_sum[candidates], entropy_key(table.entropy[candidates])))
     return candidates[order].tolist()
 
 
+def fallback_heads(table: HeadTable, logic, tau: float) -> list[int]:
+    """The reference code's `min_keep` rule, used when rank_heads returns nothing: the
+    `threshold.min_keep` heads with the largest attention sum (stable, so equal sums stay in
+    (layer, head) order) with no layer, τ or entropy condition, skipping heads with bottom-row focus
+    when that filter is on. The reference measures bottom-row focus only for heads with S ≥ τ, so a
+    head below τ is taken whatever its last row holds. Empty only when min_keep = 0 or every head
+    is at or above τ (a flat curve) with bottom-row focus."""
+    by_sum = np.argsort(-table.attn_sum, kind="stable")
+    skipped = table.bottom_row & (table.attn_sum >= tau) if logic.filters.bottom_row else np.zeros_like(table.bottom_row)
+    return [int(i) for i in by_sum if not skipped[i]][: int(logic.threshold.min_keep)]
+
+
 def analyze(attn, grid: tuple[int, int], logic) -> dict:
-    """Per-sample analysis: {"tau", "ranked": [head records, best first], "heads": all records}."""
+    """Per-sample analysis: {"tau", "ranked": [head records, best first], "fallback", "heads": all
+    records}. "ranked" holds the heads passing the criteria and filters or, when none does
+    ("fallback": true), the fallback_heads."""
     table = measure_heads(attn, grid, logic)
     tau = chord_elbow(table.attn_sum)
     ranked = rank_heads(table, logic, tau)
+    fallback = not ranked
+    if fallback:
+        ranked = fallback_heads(table, logic, tau)
     return {"tau": tau, "ranked": [dict(table.record(i), rank=r) for r, i in enumerate(ranked)],
-            "heads": [table.record(i) for i in range(table.attn_sum.size)]}
+            "fallback": fallback, "heads": [table.record(i) for i in range(table.attn_sum.size)]}
 
 
 def select_heads(tables: list[HeadTable], logic) -> dict:

@@ -155,6 +155,8 @@ def _finish_item(out_dir: Path, item_id: str, record: dict | None, cfg: DictConf
         record = load_attention(out_dir / f"{item_id}.pkl")
     else:
         save_attention(safe_output_path(out_dir, item_id, ".pkl"), record, dtype)
+        # Analyse exactly the saved values, as stage=analyze and a resume will (load_attention: float32).
+        record = dict(record, attn=record["attn"].to(dtype).float())
     result = run_analysis(record, cfg)
     write_outputs(out_dir, item_id, record, result, cfg, figure=figure)
 

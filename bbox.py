@@ -1,6 +1,6 @@
 """From selected heads to a heat map, a mask and a box on the ORIGINAL image (method.md §5).
 
-1. M = Σ_heads GaussianSmooth(A_head, σ)                              grid (rows, cols)
+1. M = Σ_heads GaussianSmooth(A_head, σ; boundary mode, truncate)    grid (rows, cols)
 2. M is resampled at every original pixel's centre through the recorded geometry (the grid spans
    `grid_box`, e.g. the padded square), so padding never reaches the image and non-square images
    are not stretched                                                   [H, W]
@@ -26,18 +26,21 @@ MASK_METHODS = ("largest_hull", "mean_relu")
 THRESHOLDS = ("mean", "half_max")
 
 
-def smooth(grid_map: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian smoothing on the grid; σ = 1 with truncate 3 is the paper's 7×7 kernel."""
-    return ndimage.gaussian_filter(grid_map, sigma, mode="nearest", truncate=3.0) if sigma > 0 else grid_map
+def smooth(grid_map: np.ndarray, sigma: float, mode: str = "reflect", truncate: float = 4.0) -> np.ndarray:
+    """Gaussian smoothing on the grid, scipy's gaussian_filter. The defaults are scipy's, which the
+    reference code uses (a 9×9 kernel at σ = 1); truncate 3 gives the paper's 7×7 kernel."""
+    return ndimage.gaussian_filter(grid_map, sigma, mode=mode, truncate=truncate) if sigma > 0 else grid_map
 
 
-def combine_heads(attn, grid: tuple[int, int], heads: list[tuple[int, int]], sigma: float) -> np.ndarray:
-    """Sum of the smoothed maps of heads [(layer, head), ...] → grid (rows, cols), float64."""
+def combine_heads(attn, grid: tuple[int, int], heads: list[tuple[int, int]], sigma: float, *,
+                  mode: str = "reflect", truncate: float = 4.0) -> np.ndarray:
+    """Sum of the smoothed maps of heads [(layer, head), ...] → grid (rows, cols), float64.
+    No heads → all zeros (a flat map: no mask, no box)."""
     maps = head_maps(attn, grid)                                      # [L·H, rows, cols]
     num_heads = attn.shape[1]
     combined = np.zeros(grid, dtype=np.float64)
     for layer, head in heads:
-        combined += smooth(maps[layer * num_heads + head], sigma)
+        combined += smooth(maps[layer * num_heads + head], sigma, mode, truncate)
     return combined
 
 
@@ -111,5 +114,7 @@ def locate(grid_map: np.ndarray, geometry: Geometry, mask_cfg) -> dict:
 def localize(attn, meta: dict, heads: list[tuple[int, int]], logic) -> dict:
     """Heads [(layer, head), ...] of attn [L, H, 1, V] → heat map, mask and box (see locate)."""
     geometry = Geometry.from_dict(meta["geometry"])
-    grid_map = combine_heads(attn, geometry.grid, heads, float(logic.smoothing.sigma))
+    smoothing = logic.smoothing
+    grid_map = combine_heads(attn, geometry.grid, heads, float(smoothing.sigma), mode=str(smoothing.mode),
+                             truncate=float(smoothing.truncate))
     return locate(grid_map, geometry, logic.mask)

@@ -22,15 +22,26 @@ def run_analysis(record: dict, cfg: DictConfig) -> dict:
     return analysis.analyze(view["attn"], tuple(view["meta"]["grid"]), cfg.logic)
 
 
+def describe_analysis(result: dict) -> str:
+    """One log line: τ, how many heads pass (or that the fallback answered), the best five."""
+    def entropy(r):
+        return "inf" if r["spatial_entropy"] is None else f"{r['spatial_entropy']:.3f}"
+    passing = "no head passes, fallback" if result.get("fallback") else f"{len(result['ranked'])} heads pass"
+    best = ", ".join(f"L{r['layer']}H{r['head']}(SE={entropy(r)})" for r in result["ranked"][:5])
+    return f"tau={result['tau']:.4f}; {passing}: {best}"
+
+
 def heads_for(result: dict, record: dict, cfg: DictConfig) -> tuple[list[dict], str]:
-    """The heads to combine and where they came from: fixed heads, or this sample's top-k."""
+    """The heads to combine and where they came from: fixed heads, this sample's top-k, or (no head
+    passed) the analysis's fallback heads. An empty list (min_keep=0) gives an empty mask and no box."""
     fixed, source = fixed_heads(cfg.logic)
     if fixed is None:
         chosen = result["ranked"][: int(cfg.logic.top_k)]
-        if not chosen:
-            raise InputError(f"no head passed criterion 1 and the filters (logic.filters.min_layer="
-                             f"{cfg.logic.filters.min_layer}, bottom_row={cfg.logic.filters.bottom_row}, model has "
-                             f"{record['attn'].shape[0]} layers); relax the filters or give logic.heads")
+        if result.get("fallback") or not chosen:
+            source = (f"fallback: no head passed the criteria and filters (S >= tau, finite entropy, "
+                      f"logic.filters.min_layer={cfg.logic.filters.min_layer}, bottom_row={cfg.logic.filters.bottom_row}); "
+                      f"{len(chosen)} head(s) with the largest attention sum (logic.threshold.min_keep="
+                      f"{cfg.logic.threshold.min_keep})")
         return chosen, source
     num_layers, num_heads = record["attn"].shape[:2]
     bad = [(l, h) for l, h in fixed if not (0 <= l < num_layers and 0 <= h < num_heads)]
@@ -38,6 +49,12 @@ def heads_for(result: dict, record: dict, cfg: DictConfig) -> tuple[list[dict], 
         raise InputError(f"logic.heads {bad} outside this model's {num_layers} layers × {num_heads} heads")
     by_index = {(r["layer"], r["head"]): r for r in result["heads"]}
     return [by_index[p] for p in fixed], source
+
+
+def figure_suffix(cfg: DictConfig) -> str:
+    """_top{K}.png, K the number of heads asked for (fixed heads or top_k), however many were found."""
+    fixed, _ = fixed_heads(cfg.logic)
+    return f"_top{len(fixed) if fixed else int(cfg.logic.top_k)}.png"
 
 
 def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: DictConfig, *,
@@ -51,7 +68,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
     if figure:
         image = load_image(record["meta"]["image_file"])
         png = viz.figure_png(image, record["attn"], record["meta"], heads, loc)
-        atomic_write_bytes(safe_output_path(out_dir, item_id, f"_top{len(heads)}.png"), png)
+        atomic_write_bytes(safe_output_path(out_dir, item_id, figure_suffix(cfg)), png)
     summary = {
         "id": item_id,
         "query": record["meta"].get("query"),

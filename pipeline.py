@@ -23,7 +23,7 @@ import analyze as analysis
 from collector import collect, load_attention, load_image, save_attention
 from dataio import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, safe_output_path
 from layout import analysis_record
-from outputs import load_analysis, run_analysis, write_outputs
+from outputs import describe_analysis, load_analysis, run_analysis, write_outputs
 import settings
 from settings import REPO, attn_dtype, collect_settings, gen_kwargs, model_dir
 
@@ -63,8 +63,7 @@ def stage_analyze(cfg: DictConfig, path: Path | None = None) -> dict:
     result = run_analysis(record, cfg)
     out = path.with_name(f"{_stem(path)}_analysis.pkl")
     atomic_write_bytes(out, pickle.dumps(result))
-    log.info("tau=%.4f; %d heads pass; best: %s → %s", result["tau"], len(result["ranked"]),
-             ", ".join(f"L{r['layer']}H{r['head']}(SE={r['spatial_entropy']:.3f})" for r in result["ranked"][:5]), out)
+    log.info("%s → %s", describe_analysis(result), out)
     return result
 
 

@@ -175,7 +175,8 @@ def baselines(test_rows, pred_dir: Path, calib_rows, test_scenes: int, k: int, d
         oracle = toyworld.oracle_grid_map(masks[scene][row["target"]["index"]], w, h)
         geometry = Geometry.from_dict(meta["geometry"])
         ious["oracle (GT mask on the grid)"].append(
-            _iou(bbox.locate(bbox.smooth(oracle, float(paper.smoothing.sigma)), geometry, paper.mask), gt))
+            _iou(bbox.locate(bbox.smooth(oracle, float(paper.smoothing.sigma), str(paper.smoothing.mode),
+                                         float(paper.smoothing.truncate)), geometry, paper.mask), gt))
     result = {name: accuracy(v) for name, v in ious.items()}
     per_head = {f"L{l}H{hh}": accuracy(v)["acc@0.5"] for (l, hh), v in sorted(single.items())}
     free = {name: acc for name, acc in per_head.items()

@@ -11,8 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from analyze import (HeadTable, analyze, bottom_row_focus, chord_elbow, measure_heads, rank_heads,
-                     select_heads, spatial_entropy)
+from analyze import (ENTROPY_TIE_TOL, HeadTable, analyze, bottom_row_focus, chord_elbow, fallback_heads,
+                     measure_heads, rank_heads, select_heads, spatial_entropy)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "logic"
 
@@ -275,19 +275,75 @@ def test_paper_logic_ranks_concentrated_first_and_diffuse_last():
     assert result["tau"] > WEAK[(5, 2)]
 
 
-def test_min_keep_guarantees_heads_when_tau_excludes_all():
-    """When fewer than min_keep heads reach τ, the min_keep largest sums pass criterion 1."""
-    table = measure_heads(planted_attention(), GRID, logic("paper"))
-    ranked = rank_heads(table, logic("paper", **{"threshold.min_keep": 4}), tau=math.inf)
-    assert [(i // H, i % H) for i in ranked] == [(0, 2), (1, 1), (3, 1), (3, 3)]
-    assert rank_heads(table, logic("paper"), tau=math.inf) == [0 * H + 2]   # paper: min_keep 1
-
-
 def test_ties_on_entropy_broken_by_larger_attention_sum():
     """Equal SE → the head with the larger S ranks first (regardless of head order)."""
     table = HeadTable(2, np.array([0.5, 0.7, 0.6, 0.9]), np.array([0.3, 0.3, 0.0, 0.3]),
                       np.ones(4, int), np.zeros(4, bool))
     assert rank_heads(table, logic("paper"), tau=0.0) == [2, 3, 1, 0]
+
+
+def test_entropies_equal_up_to_float_noise_are_ties():
+    """Entropies are compared rounded to multiples of ENTROPY_TIE_TOL (1e-9): 0, ±1e-16 and 3e-10
+    are one tie (ordered by larger S, then (layer, head)); 2e-9 ranks after them; equal S and SE
+    keep (layer, head) order."""
+    assert ENTROPY_TIE_TOL == 1e-9
+    entropy = np.array([1e-16, 0.0, -2e-17, 3e-10, 2e-9, 0.0])
+    sums = np.array([0.5, 0.6, 0.9, 0.7, 1.0, 0.6])
+    table = HeadTable(3, sums, entropy, np.ones(6, int), np.zeros(6, bool))
+    assert rank_heads(table, logic("paper"), tau=0.0) == [2, 3, 1, 5, 0, 4]
+
+
+def test_ranking_does_not_move_with_float_noise():
+    """Noise of 1e-13 on every entropy (far more than float64 arithmetic makes) never changes the
+    ranking of heads with many exact and near ties."""
+    rng = np.random.default_rng(5)
+    n = 200
+    entropy = rng.choice([0.0, math.log(2), math.log(3), 0.25, math.inf], size=n)
+    sums = rng.choice([0.25, 0.5, 0.75, 1.0], size=n)
+    table = HeadTable(8, sums, entropy, np.ones(n, int), np.zeros(n, bool))
+    expected = rank_heads(table, logic("paper"), tau=0.0)
+    for _ in range(20):
+        noisy = HeadTable(8, sums, entropy + rng.uniform(-1e-13, 1e-13, n), table.n_components, table.bottom_row)
+        assert rank_heads(noisy, logic("paper"), tau=0.0) == expected
+
+
+# --- no head passes: the reference code's min_keep fallback --------------------------------------
+
+def fallback_table():
+    """Six heads (L=3, H=2), flat index = 2·layer + head, none passing selection_v1 at τ = 0.6:
+       0 (L0H0) S 0.9 SE 0     layer 0                 3 (L1H1) S 0.5 SE inf  below τ, bottom row
+       1 (L0H1) S 0.4 SE 0     layer 0, below τ         4 (L2H0) S 0.8 SE 0    bottom row
+       2 (L1H0) S 0.9 SE 0     layer 1                  5 (L2H1) S 0.7 SE inf  no foreground"""
+    return HeadTable(2, np.array([0.9, 0.4, 0.9, 0.5, 0.8, 0.7]),
+                     np.array([0.0, 0.0, 0.0, math.inf, 0.0, math.inf]), np.ones(6, int),
+                     np.array([False, False, False, True, True, False]))
+
+
+def test_fallback_takes_heads_by_attention_sum_without_layer_tau_or_entropy_conditions():
+    """selection_v1 keeps nothing here; the fallback is the min_keep heads by S (stable: equal S in
+    (layer, head) order), skipping bottom-row heads at or above τ only — the reference measures
+    bottom-row focus for those alone, so head 3 (below τ) is taken despite its last row."""
+    cfg = logic("selection_v1")
+    table = fallback_table()
+    assert rank_heads(table, cfg, tau=0.6) == []
+    assert fallback_heads(table, cfg, tau=0.6) == [0]
+    assert fallback_heads(table, logic("selection_v1", **{"threshold.min_keep": 5}), tau=0.6) == [0, 2, 5, 3, 1]
+    assert fallback_heads(table, logic("selection_v1", **{"filters.bottom_row": False,
+                                                          "threshold.min_keep": 4}), tau=0.6) == [0, 2, 4, 5]
+    assert fallback_heads(table, logic("selection_v1", **{"threshold.min_keep": 0}), tau=0.6) == []
+
+
+def test_analyze_answers_with_the_fallback_only_when_nothing_passes():
+    """A sample with no eligible head is answered by the fallback ("fallback": true); one eligible
+    head is the whole answer, however large min_keep is."""
+    nothing = analyze(planted_attention(), GRID, logic("selection_v1", **{"filters.min_layer": L}))
+    assert nothing["fallback"] is True
+    top = max(nothing["heads"], key=lambda h: h["attn_sum"])
+    assert ranked_heads(nothing) == [(top["layer"], top["head"])] == [(0, 2)]      # EARLY's 0.95
+    one = analyze(planted_attention(), GRID, logic("selection_v1", **{"filters.min_layer": 4,
+                                                                     "threshold.min_keep": 5}))
+    assert one["fallback"] is False and ranked_heads(one) == [(4, 2)]
+    assert analyze(planted_attention(), GRID, logic("selection_v1"))["fallback"] is False
 
 
 def test_analyze_of_float16_attention_matches_float32():
@@ -415,6 +471,14 @@ def test_select_heads_sample_scope_uses_each_samples_tau():
                                                           "select.per_sample": 1, "select.k": 2}))
     assert result["tau"] is None and result["tau_scope"] == "sample"
     assert [(c["layer"], c["head"], c["count"]) for c in result["counts"]] == [(0, 1, 2), (1, 0, 1)]
+
+
+def test_samples_where_no_head_passes_cast_no_votes():
+    """The fallback answers one sample; it is not evidence of localization, so it gets no vote."""
+    cfg = logic("selection_v1", **{"select.per_sample": 5})
+    assert rank_heads(fallback_table(), cfg) == []
+    result = select_heads([fallback_table(), fallback_table()], cfg)
+    assert result["counts"] == [] and result["heads"] == []
 
 
 def test_select_heads_refuses_empty_set_and_unknown_scope():

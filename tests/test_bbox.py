@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from scipy import ndimage
 
-from bbox import box_from_mask, combine_heads, localize, mask_from_heat
+from bbox import box_from_mask, combine_heads, localize, mask_from_heat, smooth
 from evaluate import iou_xyxy
 from llava.geometry import compute_geometry
 
@@ -121,6 +122,50 @@ def test_only_the_selected_heads_are_combined():
     both = combine_heads(attn, GRID, [HEAD, (0, 1)], sigma=0.0)
     np.testing.assert_allclose(only, attn[1, 0, 0].double().numpy().reshape(GRID))
     np.testing.assert_allclose(both - only, attn[0, 1, 0].double().numpy().reshape(GRID))
+
+
+# --- smoothing ----------------------------------------------------------------------------------
+
+def impulse(row, col):
+    m = np.zeros(GRID)
+    m[row, col] = 1.0
+    return m
+
+
+@pytest.mark.parametrize("name, radius", [("paper", 3), ("selection_v1", 4)])
+def test_kernel_size_follows_truncate(name, radius):
+    """paper: truncate 3 → the 7×7 kernel; selection_v1: scipy's default truncate 4 → 9×9."""
+    cfg = logic(name)
+    out = smooth(impulse(5, 5), float(cfg.smoothing.sigma), str(cfg.smoothing.mode), float(cfg.smoothing.truncate))
+    rows, cols = np.nonzero(out)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (5 - radius, 5 + radius, 5 - radius, 5 + radius)
+
+
+def test_reflect_boundary_keeps_the_mass_of_an_edge_cell():
+    """reflect (both logics: the reference's scipy default) folds what leaves the grid back at the
+    edge it left: an impulse in a corner keeps its mass; "nearest" piles it onto the edge cell."""
+    corner = impulse(0, 0)
+    assert smooth(corner, 1.0, "reflect", 4.0).sum() == pytest.approx(1.0, abs=1e-12)
+    nearest = smooth(corner, 1.0, "nearest", 4.0)
+    assert nearest.sum() != pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_array_equal(smooth(corner, 1.0), ndimage.gaussian_filter(corner, 1.0))   # scipy defaults
+
+
+def test_localize_smooths_with_the_configured_mode_and_truncate():
+    """The logic's smoothing.mode / truncate reach the combined map."""
+    attn = attention((0, 2, 0, 2, 1.0))
+    for mode, truncate in (("reflect", 3.0), ("nearest", 4.0), ("constant", 3.0)):
+        out = localize(attn, meta_for(PAD), [HEAD], logic(**{"smoothing.mode": mode, "smoothing.truncate": truncate}))
+        np.testing.assert_array_equal(out["grid_map"], combine_heads(attn, GRID, [HEAD], 1.0, mode=mode,
+                                                                     truncate=truncate))
+    assert not np.array_equal(localize(attn, meta_for(PAD), [HEAD], logic())["grid_map"],
+                              localize(attn, meta_for(PAD), [HEAD], logic(**{"smoothing.mode": "nearest"}))["grid_map"])
+
+
+def test_no_heads_give_a_flat_map_and_no_box():
+    """An empty head list (logic.threshold.min_keep=0 and nothing passing) is still an answer: no box."""
+    out = localize(attention((4, 8, 3, 8, 1.0)), meta_for(PAD), [], logic())
+    assert not out["grid_map"].any() and out["bbox_xyxy"] is None and not out["mask"].any()
 
 
 # --- mask methods -------------------------------------------------------------------------------
