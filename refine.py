@@ -61,8 +61,9 @@ class SamRefiner:
             raise InputError(f"logic.mask.sam_model={name!r}: cannot read its config ({e.__class__.__name__}); "
                              "give a SAM hub id (facebook/sam-vit-huge) or a local checkpoint folder") from None
         if model_type != "sam":
-            raise InputError(f"logic.mask.sam_model={name!r} is a {model_type!r} checkpoint; only SAM (SamModel: "
-                             "facebook/sam-vit-huge/-large/-base, SlimSAM, MedSAM) is supported")
+            why = " (SAM 2's image processor needs torchvision; not supported yet)" if model_type.startswith("sam2") else ""
+            raise InputError(f"logic.mask.sam_model={name!r} is a {model_type!r} checkpoint{why}; only SAM "
+                             "(SamModel: facebook/sam-vit-huge/-large/-base, SlimSAM, MedSAM) is supported")
         model = SamModel.from_pretrained(name, cache_dir=cache_dir, dtype=torch.float32).to(device)
         # Without torchvision this resolves to SamImageProcessorPil, the pure PIL/numpy variant.
         processor = SamProcessor.from_pretrained(name, cache_dir=cache_dir)
