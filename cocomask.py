@@ -36,7 +36,9 @@ def mask_to_counts(mask: np.ndarray) -> list[int]:
 def counts_to_mask(counts: list[int], height: int, width: int) -> np.ndarray:
     """Run lengths (background first) → [H, W] bool."""
     counts = np.asarray(counts, dtype=np.int64)
-    if counts.sum() != height * width or (counts < 0).any():
+    if (counts < 0).any():
+        raise ValueError("RLE counts include a negative run length")
+    if counts.sum() != height * width:
         raise ValueError(f"RLE counts sum to {int(counts.sum())}, expected {height} × {width} = {height * width}")
     values = np.arange(counts.size) % 2 == 1
     return np.repeat(values, counts).reshape(width, height).T

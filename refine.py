@@ -142,15 +142,16 @@ def refine(refiner: SamRefiner | None, loc: dict, meta: dict, mask_cfg) -> tuple
     mask_cfg: logic.mask."""
     if refiner is None:
         return loc["mask"], None
-    point = heat_peak(loc["heat"]) if bool(mask_cfg.get("sam_point", False)) else None
-    info = {"method": "sam", "model": refiner.name, "prompt": "box+point" if point else "box", "point_xy": point}
+    use_point = bool(mask_cfg.get("sam_point", False))
+    info = {"method": "sam", "model": refiner.name, "prompt": "box+point" if use_point else "box"}
     if loc["bbox_xyxy"] is None:   # the heads found nothing: no prompt, the (empty) coarse mask stays
-        return loc["mask"], dict(info, status="no_box", score=None, sam_bbox_xyxy=None)
+        return loc["mask"], dict(info, point_xy=None, status="no_box", score=None, sam_bbox_xyxy=None)
+    point = heat_peak(loc["heat"]) if use_point else None
     mask, score = refiner.segment(str(meta["image_file"]), loc["bbox_xyxy"], point)
     if mask.shape != loc["mask"].shape:
         raise InputError(f"{meta['image_file']}: the image is {mask.shape[1]}x{mask.shape[0]} px now but was "
                          f"{loc['mask'].shape[1]}x{loc['mask'].shape[0]} when its attention was collected; collect it again")
-    return mask, dict(info, status="ok", score=score, sam_bbox_xyxy=bbox.box_from_mask(mask))
+    return mask, dict(info, point_xy=point, status="ok", score=score, sam_bbox_xyxy=bbox.box_from_mask(mask))
 
 
 def write_masks(out_dir: Path, item_id: str, coarse: np.ndarray, mask: np.ndarray, refined: bool) -> None:

@@ -98,6 +98,24 @@ def test_heat_peak_is_the_centre_of_the_highest_seen_pixel():
     assert refine.heat_peak(heat) == [5.5, 2.5]
 
 
+def test_no_box_means_no_prompt_and_the_empty_coarse_mask_stays(refiner, images):
+    class Untouchable:
+        name = "sam"
+
+        def segment(self, *args):
+            raise AssertionError("SAM must not run without a box")
+
+    loc = {"mask": np.zeros((64, 96), dtype=bool), "heat": np.zeros((64, 96)), "bbox_xyxy": None}
+    mask, info = refine.refine(Untouchable(), loc, {"image_file": str(images["wide"])}, {"sam_point": True})
+    assert mask is loc["mask"] and info["status"] == "no_box" and info["score"] is None
+
+
+def test_an_image_whose_size_changed_since_collection_is_refused(refiner, images):
+    loc = {"mask": np.zeros((10, 10), dtype=bool), "heat": np.zeros((10, 10)), "bbox_xyxy": [0, 0, 5, 5]}
+    with pytest.raises(InputError, match="96x64 px now but was 10x10"):
+        refine.refine(refiner, loc, {"image_file": str(images["wide"])}, {"sam_point": False})
+
+
 def test_unknown_refiner_and_non_sam_checkpoints_are_refused(hf_checkpoint):
     with pytest.raises(InputError, match="logic.mask.refine='crf' is unknown"):
         refine.load_refiner(pipeline.compose("logic.mask.refine=crf"))
