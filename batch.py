@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from collector import collect, load_attention, load_image, save_attention
 from dataio import InputError, atomic_write_text, read_jsonl, resolve_path, safe_output_path
 from outputs import run_analysis, write_outputs
+import refine
 import settings
 from settings import attn_dtype, box_settings, collect_settings, fixed_heads, gen_kwargs, model_dir
 
@@ -93,22 +94,26 @@ def run_batch(cfg: DictConfig) -> dict:
              len(rows), len(rows) - len(todo) - len(rebox), len(rebox), len(todo), out_dir)
     failures: list[dict] = []
     dtype = attn_dtype(cfg)
+    refiner = refine.load_refiner(cfg)  # SAM (logic.mask.refine=sam), loaded once per run; else None
     # Saving, analysis, boxes and figures run on one writer thread while the model works.
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending: list[tuple[str, Future]] = [
-            (item_id, writer.submit(_finish_item, out_dir, item_id, None, cfg, dtype, bool(figure))) for item_id in rebox]
+            (item_id, writer.submit(_finish_item, out_dir, item_id, None, cfg, dtype, bool(figure), refiner))
+            for item_id in rebox]
         done = 0
         if todo:
             adapter = settings.load_adapter_from(cfg)
             loader = torch.utils.data.DataLoader(_RowImages(todo, base), batch_size=int(cfg.data.batch_size),
                                                  num_workers=int(cfg.data.num_workers), collate_fn=list)
             for items in loader:
+                if refiner is not None:  # SAM's image encoder over the batch's images in one call, ahead of its rows
+                    writer.submit(refiner.prefetch, [(path, image) for _, _, path, image, error in items if error is None])
                 for item_id, record_or_error in _collect_items(adapter, items, cfg):
                     if isinstance(record_or_error, str):
                         failures.append({"id": item_id, "error": record_or_error})
                         continue
                     pending.append((item_id, writer.submit(_finish_item, out_dir, item_id, record_or_error, cfg,
-                                                           dtype, bool(figure))))
+                                                           dtype, bool(figure), refiner)))
                 done += _drain(pending, failures, block=False)
         done += _drain(pending, failures, block=True)
     _write_failures(out_dir, failures)
@@ -149,7 +154,8 @@ def _collect_items(adapter, items, cfg: DictConfig):
             yield str(row["id"]), record
 
 
-def _finish_item(out_dir: Path, item_id: str, record: dict | None, cfg: DictConfig, dtype: torch.dtype, figure: bool):
+def _finish_item(out_dir: Path, item_id: str, record: dict | None, cfg: DictConfig, dtype: torch.dtype, figure: bool,
+                 refiner: refine.SamRefiner | None = None):
     """Save a fresh record (record=None: reuse the saved attention) and write its outputs."""
     if record is None:
         record = load_attention(out_dir / f"{item_id}.pkl")
@@ -158,7 +164,7 @@ def _finish_item(out_dir: Path, item_id: str, record: dict | None, cfg: DictConf
         # Analyse exactly the saved values, as stage=analyze and a resume will (load_attention: float32).
         record = dict(record, attn=record["attn"].to(dtype).float())
     result = run_analysis(record, cfg)
-    write_outputs(out_dir, item_id, record, result, cfg, figure=figure)
+    write_outputs(out_dir, item_id, record, result, cfg, figure=figure, refiner=refiner)
 
 
 def _drain(pending: list, failures: list, block: bool) -> int:

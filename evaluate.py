@@ -1,9 +1,17 @@
-"""Grounding evaluation: IoU of predicted vs. ground-truth boxes, Acc@{0.25,0.5,0.75} and mean IoU.
+"""Grounding evaluation: IoU of predicted vs. ground-truth boxes, Acc@{0.25,0.5,0.75} and mean IoU;
+and, for rows whose ground truth has a `segmentation`, the referring-segmentation (RES) metrics of
+the predicted masks: cIoU and mask mIoU.
 
 Boxes are xyxy in original-image pixels with continuous coordinates and the half-open convention
 (a box [x0, y0, x1, y1] covers x0 <= x < x1), so area = (x1 - x0) * (y1 - y0) with no "+1".
 Every ground-truth row counts in the denominator: a missing prediction file, an unreadable one,
 or a null box scores IoU 0 and is listed, so a run that crashes on hard items cannot look better.
+
+Masks: <id>_mask.png beside <id>_bbox.json against the row's `segmentation` (COCO RLE or polygons,
+cocomask.py). cIoU = Σ intersection / Σ union over all rows with a segmentation (the paper's RES
+metric: large objects weigh more); mask mIoU = the mean of the per-row IoUs. A missing or unusable
+predicted mask counts as an empty mask (intersection 0, union the ground truth's area) and scores IoU 0;
+an empty ground truth scores IoU 1 against an empty predicted mask (nothing there, nothing found).
 """
 from __future__ import annotations
 
@@ -15,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+import cocomask
 from dataio import InputError, atomic_write_json, atomic_write_text, read_jsonl, safe_output_path
 
 THRESHOLDS = (0.25, 0.5, 0.75)
@@ -51,6 +63,8 @@ class GroundTruth:
     id: str
     bbox: tuple[float, float, float, float]
     size: tuple[int, int] | None  # (width, height) when the JSONL has them
+    segmentation: Any = None  # COCO RLE dict or polygons (RES rows); None: box evaluation only
+    where: str = ""  # "<data_file>:<line>", for errors in the segmentation found while scoring
 
 
 @dataclass(frozen=True)
@@ -81,7 +95,10 @@ def load_ground_truth(data_file: str | Path) -> list[GroundTruth]:
                              f"in pixels with x1 >= x0 and y1 >= y0, got {box!r}")
         w, h = row.get("width"), row.get("height")
         size = (int(w), int(h)) if _is_number(w) and _is_number(h) else None
-        rows.append(GroundTruth(item_id, tuple(float(v) for v in box), size))
+        segmentation = row.get("segmentation")
+        if segmentation is not None:
+            _check_segmentation(segmentation, size, f"{data_file}:{lineno}")
+        rows.append(GroundTruth(item_id, tuple(float(v) for v in box), size, segmentation, f"{data_file}:{lineno}"))
     if not rows:
         raise InputError(f"{data_file}: no rows; nothing to evaluate")
     return rows
@@ -126,6 +143,93 @@ def score_prediction(gt: GroundTruth, pred_dir: Path, failures: dict[str, str]) 
     return RowResult(gt.id, iou_xyxy(box, gt.bbox), "ok", size_mismatch=mismatch)
 
 
+@dataclass(frozen=True)
+class MaskResult:
+    id: str
+    inter: int  # pixels in both masks
+    union: int  # pixels in either
+    iou: float
+    status: str  # ok | missing | failed (missing/failed: scored as an empty mask)
+    reason: str = ""
+
+
+def _check_segmentation(seg: Any, size: tuple[int, int] | None, where: str) -> None:
+    """The form of a row's segmentation, checked on loading; decoding waits for scoring so that only one
+    mask is in memory at a time."""
+    if isinstance(seg, dict):
+        hw = seg.get("size")
+        if not (isinstance(hw, list) and len(hw) == 2 and all(isinstance(v, int) and v > 0 for v in hw)
+                and isinstance(seg.get("counts"), (str, list))):
+            raise InputError(f"{where}: key 'segmentation' must be COCO RLE {{\"size\": [H, W], \"counts\": ...}} "
+                             f"or a list of polygons, got {json.dumps(seg)[:80]}")
+        if size is not None and hw != [size[1], size[0]]:
+            raise InputError(f"{where}: key 'segmentation' has size [H, W] = {hw} but the row's width, height "
+                             f"are {size[0]}, {size[1]}")
+    elif isinstance(seg, list) and seg:
+        if size is None:
+            raise InputError(f"{where}: key 'segmentation' holds polygons, which need the row's 'width' and 'height'")
+    else:
+        raise InputError(f"{where}: key 'segmentation' must be COCO RLE or a non-empty list of polygons, "
+                         f"got {json.dumps(seg)[:80]}")
+
+
+def truth_mask(gt: GroundTruth) -> np.ndarray:
+    """The row's ground-truth mask [H, W] bool."""
+    seg = gt.segmentation
+    width, height = gt.size if gt.size is not None else (seg["size"][1], seg["size"][0])
+    try:
+        return cocomask.to_mask(seg, height, width)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{gt.where}: key 'segmentation': {e}") from None
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask PNG (any mode) → [H, W] bool, foreground above mid-grey."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L")) > 127
+
+
+def score_mask(gt: GroundTruth, pred_dir: Path, box: RowResult) -> MaskResult:
+    """Intersection and union of <pred_dir>/<id>_mask.png with the row's segmentation; a missing or
+    unusable prediction is an empty mask."""
+    truth = truth_mask(gt)
+    area = int(np.count_nonzero(truth))
+
+    def empty(status: str, reason: str) -> MaskResult:
+        return MaskResult(gt.id, 0, area, 0.0, status, reason)
+
+    if not safe_output_path(pred_dir, gt.id, "_bbox.json").is_file():
+        return empty(box.status, box.reason)  # the row never finished: its mask file, if any, is not trusted
+    path = safe_output_path(pred_dir, gt.id, "_mask.png")
+    if not path.is_file():
+        return empty("missing", f"no {path.name}")
+    try:
+        pred = read_mask(path)
+    except (OSError, UnidentifiedImageError) as e:
+        return empty("failed", f"unreadable {path.name}: {e}")
+    if pred.shape != truth.shape:
+        return empty("failed", f"{path.name} is {pred.shape[1]}x{pred.shape[0]} px, the ground truth "
+                               f"{truth.shape[1]}x{truth.shape[0]}")
+    inter, union = int(np.count_nonzero(pred & truth)), int(np.count_nonzero(pred | truth))
+    return MaskResult(gt.id, inter, union, inter / union if union else 1.0, "ok")
+
+
+def summarize_masks(masks: list[MaskResult]) -> dict[str, Any]:
+    """cIoU (Σ intersection / Σ union; null when every mask and prediction is empty) and mask mIoU over
+    the rows with a ground-truth segmentation."""
+    n = len(masks)
+    inter, union = sum(m.inter for m in masks), sum(m.union for m in masks)
+    not_ok = [m for m in masks if m.status != "ok"]
+    return {
+        "mask_n": n,
+        "ciou": inter / union if union else None,
+        "mask_miou": sum(m.iou for m in masks) / n if n else None,
+        "mask_status_counts": {s: sum(m.status == s for m in masks) for s in ("ok", "missing", "failed")},
+        "mask_missing_ids": [m.id for m in not_ok[:MAX_LISTED]],
+        "mask_missing_reasons": {m.id: m.reason for m in not_ok[:MAX_LISTED]},
+    }
+
+
 def summarize(results: list[RowResult], data_file: str | Path, pred_dir: str | Path) -> dict[str, Any]:
     n = len(results)
     not_ok = [r for r in results if r.status != "ok"]
@@ -144,12 +248,17 @@ def summarize(results: list[RowResult], data_file: str | Path, pred_dir: str | P
     return summary
 
 
-def rows_csv(results: list[RowResult]) -> str:
+def rows_csv(results: list[RowResult], masks: dict[str, MaskResult] | None = None) -> str:
+    """One line per row; the mask_* cells are empty for rows without a ground-truth segmentation."""
+    masks = masks or {}
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", "iou", "hit@0.5", "status", "reason"])
+    writer.writerow(["id", "iou", "hit@0.5", "status", "reason", "mask_iou", "mask_inter", "mask_union",
+                     "mask_status", "mask_reason"])
     for r in results:
-        writer.writerow([r.id, f"{r.iou:.6f}", int(r.iou >= 0.5), r.status, r.reason])
+        m = masks.get(r.id)
+        mask_cells = [f"{m.iou:.6f}", m.inter, m.union, m.status, m.reason] if m else [""] * 5
+        writer.writerow([r.id, f"{r.iou:.6f}", int(r.iou >= 0.5), r.status, r.reason, *mask_cells])
     return buf.getvalue()
 
 
@@ -162,8 +271,10 @@ def evaluate(data_file: str | Path, pred_dir: str | Path, out_dir: str | Path | 
     failures = load_failures(pred_dir)
     results = [score_prediction(gt, pred_dir, failures) for gt in truth]
     summary = summarize(results, data_file, pred_dir)
+    masks = {gt.id: score_mask(gt, pred_dir, r) for gt, r in zip(truth, results) if gt.segmentation is not None}
+    summary.update(summarize_masks(list(masks.values())))
     out = Path(out_dir) if out_dir is not None else pred_dir
-    atomic_write_text(out / "evaluation_rows.csv", rows_csv(results))
+    atomic_write_text(out / "evaluation_rows.csv", rows_csv(results, masks))
     atomic_write_json(out / "evaluation.json", summary)
     return summary
 
@@ -172,15 +283,24 @@ def _cell(row: dict[str, Any], *keys: str) -> Any:
     return next((row[k] for k in keys if row.get(k) is not None), None)
 
 
+def _percent(value: Any, width: int) -> str:
+    return f"{f'{100 * value:.2f}' if value is not None else '-':>{width}}"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Fixed-width table: split, n, Acc@0.5 and mIoU in percent. Takes evaluate() summaries plus a 'split'."""
-    lines = [f"{'split':<12} {'n':>7} {'Acc@0.5':>8} {'mIoU':>7}"]
+    """Fixed-width table: split, n, Acc@0.5 and mIoU in percent, then (when any row has masks) the number
+    of rows with a ground-truth mask, cIoU and mask mIoU. Takes evaluate() summaries plus a 'split'."""
+    with_masks = any(_cell(row, "ciou", "mask_miou") is not None for row in rows)
+    header = f"{'split':<12} {'n':>7} {'Acc@0.5':>8} {'mIoU':>7}"
+    lines = [header + (f" {'n_mask':>7} {'cIoU':>7} {'mask-mIoU':>9}" if with_masks else "")]
     for row in rows:
         split = str(_cell(row, "split") or "-")
         n = _cell(row, "n")
-        acc = _cell(row, "acc@0.5", "Acc@0.5")
-        miou = _cell(row, "miou", "mIoU")
-        lines.append(f"{split:<12} {n if n is not None else '-':>7} "
-                     f"{f'{100 * acc:.2f}' if acc is not None else '-':>8} "
-                     f"{f'{100 * miou:.2f}' if miou is not None else '-':>7}")
+        line = (f"{split:<12} {n if n is not None else '-':>7} {_percent(_cell(row, 'acc@0.5', 'Acc@0.5'), 8)} "
+                f"{_percent(_cell(row, 'miou', 'mIoU'), 7)}")
+        if with_masks:
+            n_mask = _cell(row, "mask_n")
+            line += (f" {n_mask if n_mask is not None else '-':>7} {_percent(_cell(row, 'ciou'), 7)} "
+                     f"{_percent(_cell(row, 'mask_miou'), 9)}")
+        lines.append(line)
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 import analyze as analysis
 import bbox
+import refine
 import viz
 from collector import load_image
 from layout import analysis_record
@@ -58,13 +59,15 @@ def figure_suffix(cfg: DictConfig) -> str:
 
 
 def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: DictConfig, *,
-                  figure: bool) -> dict:
-    """<id>_analysis.pkl, <id>_mask.png, <id>_bbox.json and (figure=True) <id>_top{K}.png."""
+                  figure: bool, refiner: refine.SamRefiner | None = None) -> dict:
+    """<id>_analysis.pkl, <id>_mask.png (+ <id>_mask_coarse.png when SAM refines it), <id>_bbox.json
+    and (figure=True) <id>_top{K}.png. refiner: SAM loaded once by the caller; else loaded here if asked for."""
     record = analysis_record(record)
     heads, source = heads_for(result, record, cfg)
     loc = bbox.localize(record["attn"], record["meta"], [(h["layer"], h["head"]) for h in heads], cfg.logic)
+    mask, refinement = refine.refine(refiner or refine.load_refiner(cfg), loc, record["meta"], cfg.logic.mask)
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_analysis.pkl"), pickle.dumps(result))
-    atomic_write_bytes(safe_output_path(out_dir, item_id, "_mask.png"), viz.mask_png(loc["mask"]))
+    refine.write_masks(out_dir, item_id, loc["mask"], mask, refined=refinement is not None)
     if figure:
         image = load_image(record["meta"]["image_file"])
         png = viz.figure_png(image, record["attn"], record["meta"], heads, loc)
@@ -80,6 +83,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
         "heads_source": source,
         "logic": str(cfg.logic.name),
         "mask_method": str(cfg.logic.mask.method),
+        "refinement": refinement,
         "settings": box_settings(cfg),
         "collect_settings": record["meta"].get("collect_settings"),
     }

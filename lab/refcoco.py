@@ -8,6 +8,11 @@ Three subcommands:
 Output rows: id, prompt, image_path, bbox (xyxy, original-image pixels, float), width, height, split, source,
 plus provenance keys (ref_id/ann_id/... or question_id/expr_index). Relative image paths are written relative
 to the output JSONL's folder, which is how dataio.resolve_path reads them back.
+
+`segmentation`: the referent's mask as compressed COCO RLE {"size": [H, W], "counts": "<string>"}, the
+ground truth of referring segmentation (stage=evaluate's cIoU). From instances.json it is exact (COCO
+polygons rasterized as pycocotools does, or the annotation's own RLE); the lmms-lab parquet copies
+keep one flat polygon per object. Objects without one get no key and stay valid for box evaluation.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import cocomask
 from dataio import (InputError, PlainUnpickler, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path,
                     safe_output_path)
 
@@ -56,6 +62,18 @@ def xywh_to_xyxy(box: Any, where: str) -> list[float]:
         raise InputError(f"{where}: bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0, got {box!r}")
     x, y, w, h = (float(v) for v in box)
     return [x, y, x + w, y + h]
+
+
+def segmentation_rle(seg: Any, width: int, height: int, where: str) -> dict | None:
+    """COCO segmentation (a list of polygons, one flat polygon, or RLE with list or string counts) →
+    compressed RLE of a width × height image; None when there is none."""
+    if seg is None or (isinstance(seg, (list, tuple)) and len(seg) == 0):
+        return None
+    try:
+        return cocomask.encode(cocomask.to_mask(seg, int(height), int(width)))
+    except (ValueError, TypeError, KeyError) as e:
+        raise InputError(f"{where}: segmentation is not COCO polygons or RLE of a {width}x{height} image "
+                         f"({e.__class__.__name__}: {e})") from None
 
 
 def check_unique_ids(rows: Sequence[dict], source: str) -> None:
@@ -158,6 +176,8 @@ def refer_rows(refs: list[dict], images: dict[int, dict], anns: dict[int, dict],
         if img is None:
             raise InputError(f"{where}: image_id {ref['image_id']} not found in {instances_name} images")
         bbox = xywh_to_xyxy(ann["bbox"], f"{instances_name}: annotation {ann['id']}")
+        segmentation = segmentation_rle(ann.get("segmentation"), img["width"], img["height"],
+                                        f"{instances_name}: annotation {ann['id']}")
         image_path = rebase_path(Path(images_dir) / img["file_name"], out_dir)
         for j, sent in enumerate(ref["sentences"]):
             if not isinstance(sent, dict) or "sent" not in sent or "sent_id" not in sent:
@@ -176,6 +196,7 @@ def refer_rows(refs: list[dict], images: dict[int, dict], anns: dict[int, dict],
                 "sent_id": sent["sent_id"],
                 "category_id": ref.get("category_id"),
                 "source": source,
+                **({"segmentation": segmentation} if segmentation else {}),
             })
     return rows
 
@@ -267,12 +288,13 @@ def expressions(answer: Any, where: str) -> list[str]:
 
 
 def parquet_rows(path: Path, *, images_dir: str | Path | None, split: str, dataset: str, out_dir: Path,
-                 written: set[str]) -> tuple[list[dict], int]:
-    """Rows for one parquet file plus the number of objects skipped for having no expression.
+                 written: set[str]) -> tuple[list[dict], int, int]:
+    """Rows for one parquet file, the number of objects skipped for having no expression, and the number
+    whose segmentation was dropped because the image (so its size) was not found.
     `written` is the set of image file names already saved under out_dir/images across files."""
     required = list(PARQUET_KEYS) + ["image"] * (images_dir is None)
-    rows, skipped = [], 0
-    for index, obj in iter_parquet_objects(path, required, optional=["image"]):
+    rows, skipped, unsized = [], 0, 0
+    for index, obj in iter_parquet_objects(path, required, optional=["image", "segmentation"]):
         where = f"{path.name}: row {index} (question_id {obj['question_id']})"
         bbox = xywh_to_xyxy(obj["bbox"], where)
         exprs = expressions(obj["answer"], where)
@@ -295,6 +317,11 @@ def parquet_rows(path: Path, *, images_dir: str | Path | None, split: str, datas
                 written.add(file_name)
             image_path = f"images/{file_name}"
             width, height = image_size(data, where)
+        segmentation = None
+        if width is not None:
+            segmentation = segmentation_rle(obj.get("segmentation"), width, height, where)
+        elif obj.get("segmentation"):
+            unsized += 1
         for k, expr in enumerate(exprs):
             rows.append({
                 "id": safe_name(f"{dataset}_{split}_{obj['question_id']}_{k}"),
@@ -309,8 +336,9 @@ def parquet_rows(path: Path, *, images_dir: str | Path | None, split: str, datas
                 "n_expr": len(exprs),
                 "source": f"parquet:{path.name}",
                 "exploded_from": "answer",
+                **({"segmentation": segmentation} if segmentation else {}),
             })
-    return rows, skipped
+    return rows, skipped, unsized
 
 
 def default_parquet_dataset(path: Path) -> str:
@@ -328,18 +356,22 @@ def convert_parquet(parquet: str | Path, images_dir: str | Path | None, split: s
         raise InputError("parquet rows carry no split; pass the split the files hold (e.g. --split val)")
     parquet, out_path = Path(parquet), Path(out_path)
     dataset = safe_name(dataset or default_parquet_dataset(parquet))
-    rows, skipped, written = [], 0, set()
+    rows, skipped, unsized, written = [], 0, 0, set()
     for f in parquet_files(parquet, split):
-        file_rows, file_skipped = parquet_rows(f, images_dir=images_dir, split=split, dataset=dataset,
-                                               out_dir=out_path.parent, written=written)
+        file_rows, file_skipped, file_unsized = parquet_rows(f, images_dir=images_dir, split=split, dataset=dataset,
+                                                             out_dir=out_path.parent, written=written)
         rows += file_rows
         skipped += file_skipped
+        unsized += file_unsized
     if not rows:
         raise InputError(f"{parquet}: no objects with a referring expression")
     check_unique_ids(rows, str(parquet))
     write_jsonl(out_path, rows)
     if skipped:
         print(f"note: skipped {skipped} objects with an empty 'answer' list", file=sys.stderr)
+    if unsized:
+        print(f"note: dropped the segmentation of {unsized} objects whose image was not found under --images "
+              "(its size is needed to rasterize the polygon); their boxes are kept", file=sys.stderr)
     return rows
 
 

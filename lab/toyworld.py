@@ -9,6 +9,9 @@ The model sees the canvas padded to a centred square (fill = CLIP mean colour), 
 112x112 and cut into 8 px patches: a 14x14 grid. `oracle_grid_map` projects an object's pixel
 mask onto that grid; it is the oracle baseline and the training target of the induced heads.
 
+Each row carries the referent's exact pixel mask as COCO RLE (`segmentation`), so referring
+segmentation (cIoU) can be scored on the toy world as on RefCOCO.
+
 CLI: python -m lab.toyworld --n N --seed S --out DIR  ->  DIR/images/*.png, DIR/data.jsonl
 """
 
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+import cocomask
 
 COLOURS = {  # name -> RGB; saturated so they stand out from the grey-ish backgrounds
     "red": (215, 40, 40),
@@ -262,12 +267,14 @@ def oracle_box(obj_mask: np.ndarray, width: int, height: int, grid: tuple = GRID
 # ----------------------------------------------------------------------------- dataset files
 
 def scene_rows(scene: Scene, scene_id: str, image_path: str) -> list:
-    """One JSONL row per expression of the scene."""
+    """One JSONL row per expression of the scene; `segmentation` is the referent's exact mask (the
+    pixels painted with its colour) as COCO RLE, the ground truth of stage=evaluate's cIoU."""
     w, h = scene.width, scene.height
     objects = [o.attrs(w, h) for o in scene.objects]
     return [
         {"id": f"{scene_id}_{k}", "prompt": expr, "image_path": image_path, "bbox": objects[i]["bbox"],
-         "width": w, "height": h, "target": dict(objects[i], index=i), "objects": objects}
+         "width": w, "height": h, "segmentation": cocomask.encode(scene.objects[i].mask),
+         "target": dict(objects[i], index=i), "objects": objects}
         for k, (i, expr) in enumerate(scene.expressions)
     ]
 

@@ -7,11 +7,13 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import cocomask
 from dataio import InputError
 from lab.refcoco import convert_parquet, convert_refer, draw_calib, load_refs, main
 
@@ -54,6 +56,12 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def rectangle_mask(height, width, x0, y0, x1, y1):
+    mask = np.zeros((height, width), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
 def test_refer_val_rows_are_exact(tmp_path):
     refs, inst = write_refer(tmp_path)
     out = tmp_path / "out" / "val.jsonl"
@@ -84,6 +92,38 @@ def test_refer_dataset_prefix_override_and_relative_images(tmp_path, monkeypatch
     assert rows[0]["id"] == "RefCOCO+_testA_12_1003"
     # relative to the JSONL's folder, which is how dataio.resolve_path reads it back
     assert rows[0]["image_path"] == os.path.join("..", "coco", "train2014", "COCO_train2014_000000000002.jpg")
+
+
+def with_segmentations(segmentations: dict) -> dict:
+    anns = [dict(a, segmentation=segmentations[a["id"]]) if a["id"] in segmentations else a
+            for a in INSTANCES["annotations"]]
+    return {**INSTANCES, "annotations": anns}
+
+
+def test_refer_carries_the_referents_mask_as_rle(tmp_path):
+    """Polygons (several parts: their union) and a crowd annotation's uncompressed RLE both become
+    compressed RLE of the image's size; an annotation without one gives a row without the key."""
+    crowd = rectangle_mask(375, 500, 200, 100, 250, 160)
+    instances = with_segmentations({
+        101: [[0.5, 1.5, 100.5, 1.5, 100.5, 51.75, 0.5, 51.75], [300, 300, 310, 300, 310, 310, 300, 310]],
+        102: {"size": [375, 500], "counts": cocomask.mask_to_counts(crowd)},
+    })
+    refs, inst = write_refer(tmp_path, instances=instances)
+    rows = {r["ref_id"]: r for r in convert_refer(refs, inst, tmp_path, "all", tmp_path / "o.jsonl")}
+    assert "segmentation" not in rows[10]
+    two_parts = cocomask.decode(rows[11]["segmentation"])
+    # the box polygon covers pixel columns 1..100 and rows 2..51 (pycocotools' rounding), plus a 10×10 square
+    assert rows[11]["segmentation"]["size"] == [375, 500] and isinstance(rows[11]["segmentation"]["counts"], str)
+    assert two_parts.sum() == 100 * 50 + 100
+    assert np.array_equal(two_parts, rectangle_mask(375, 500, 1, 2, 101, 52) | rectangle_mask(375, 500, 300, 300, 310, 310))
+    assert np.array_equal(cocomask.decode(rows[12]["segmentation"]), crowd)
+    assert read_rows(tmp_path / "o.jsonl")[2]["segmentation"] == rows[11]["segmentation"]
+
+
+def test_refer_bad_segmentation_names_the_annotation(tmp_path):
+    refs, inst = write_refer(tmp_path, instances=with_segmentations({101: {"size": [375, 500], "counts": [7]}}))
+    with pytest.raises(InputError, match=r"instances\.json: annotation 101: segmentation is not COCO polygons or RLE"):
+        convert_refer(refs, inst, tmp_path, "val", tmp_path / "o.jsonl")
 
 
 def py2_pickle(obj) -> bytes:
@@ -177,11 +217,11 @@ def lmms_rows(png: bytes) -> list[dict]:
     image = {"bytes": png, "path": "COCO_train2014_000000000001.jpg"}
     return [
         {"question_id": "q1", "question": "Please carefully observe the area circled in the image.",
-         "answer": ["man on left", "guy in red"], "segmentation": [1.0, 2.0, 3.0, 4.0],
+         "answer": ["man on left", "guy in red"], "segmentation": [1.0, 1.0, 5.0, 1.0, 5.0, 4.0, 1.0, 4.0],
          "bbox": [10.0, 20.0, 30.0, 40.0], "iscrowd": 0, "file_name": "COCO_train2014_000000000001.jpg",
          "image": image},
         {"question_id": "q2", "question": "Please carefully observe the area circled in the image.",
-         "answer": ["chair"], "segmentation": [5.0, 6.0], "bbox": [1.0, 2.0, 3.0, 4.0], "iscrowd": 0,
+         "answer": ["chair"], "segmentation": [], "bbox": [1.0, 2.0, 3.0, 4.0], "iscrowd": 0,
          "file_name": "COCO_train2014_000000000001.jpg", "image": image},
     ]
 
@@ -202,11 +242,13 @@ def test_parquet_explodes_answers_and_saves_images_once(tmp_path):
     convert_parquet(src, None, "val", out)
     common = {"image_path": "images/COCO_train2014_000000000001.jpg", "width": 7, "height": 5, "split": "val",
               "source": "parquet:val-00000-of-00001.parquet", "exploded_from": "answer"}
+    # the flat polygon (1,1)-(5,4) covers pixels x 1..4, y 1..3; q2's empty one gives no key
+    q1_mask = {"segmentation": cocomask.encode(rectangle_mask(5, 7, 1, 1, 5, 4))}
     assert read_rows(out) == [
         {"id": "refcoco_val_q1_0", "prompt": "man on left", **common, "bbox": [10.0, 20.0, 40.0, 60.0],
-         "question_id": "q1", "expr_index": 0, "n_expr": 2},
+         "question_id": "q1", "expr_index": 0, "n_expr": 2, **q1_mask},
         {"id": "refcoco_val_q1_1", "prompt": "guy in red", **common, "bbox": [10.0, 20.0, 40.0, 60.0],
-         "question_id": "q1", "expr_index": 1, "n_expr": 2},
+         "question_id": "q1", "expr_index": 1, "n_expr": 2, **q1_mask},
         {"id": "refcoco_val_q2_0", "prompt": "chair", **common, "bbox": [1.0, 2.0, 4.0, 6.0],
          "question_id": "q2", "expr_index": 0, "n_expr": 1},
     ]

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+import cocomask
 from evaluate import iou_xyxy
 from lab import toyworld as tw
 
@@ -77,3 +78,22 @@ def test_oracle_reaches_iou_half():
             for sc in _scenes(3, 160) for i, _ in sc.expressions]
     assert len(ious) >= 300
     assert np.mean(np.array(ious) >= 0.5) >= 0.95
+
+
+def test_row_segmentations_are_exactly_the_drawn_objects(monkeypatch):
+    """Drawn on a black background (same random stream, so the same scenes), the painted pixels are
+    exactly the objects' masks, each painted in its own colour, and each row's RLE decodes to its referent."""
+    plain = _scenes(4, 30)
+    draw_background = tw._background
+    monkeypatch.setattr(tw, "_background", lambda rng, w, h: np.zeros_like(draw_background(rng, w, h)))
+    for sc, same in zip(_scenes(4, 30), plain):
+        pixels = np.asarray(sc.image).astype(int)
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(sc.objects, same.objects))
+        assert np.array_equal(pixels.max(-1) > 0, np.any([o.mask for o in sc.objects], axis=0))
+        for o in sc.objects:
+            mean = pixels[o.mask].mean(0)
+            assert min(tw.COLOURS, key=lambda c: np.abs(mean - tw.COLOURS[c]).sum()) == o.colour
+        for row in tw.scene_rows(sc, "s", "x.png"):
+            target = sc.objects[row["target"]["index"]]
+            assert row["segmentation"]["size"] == [sc.height, sc.width]
+            assert np.array_equal(cocomask.decode(row["segmentation"]), target.mask)
