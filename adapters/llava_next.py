@@ -48,7 +48,6 @@ def anyres_tokens(image_size: tuple[int, int], tile: int, patch: int, pinpoints:
     """
     width, height = image_size
     side = tile // patch
-    seen = side * patch / tile                       # fraction of a tile the vision tower covers
     best_h, best_w = select_best_resolution((height, width), [tuple(p) for p in pinpoints])
     if best_h % tile or best_w % tile:
         raise ValueError(f"pinpoint {best_h}×{best_w} is not a multiple of the tile {tile}")
@@ -59,41 +58,29 @@ def anyres_tokens(image_size: tuple[int, int], tile: int, patch: int, pinpoints:
     else:
         new_h, new_w = best_h, min(math.ceil(width * scale_h), best_w)
     paste_x, paste_y = (best_w - new_w) // 2, (best_h - new_h) // 2
-    # unpad_image, on the joined feature grid (rows, cols).
-    grid_h, grid_w = best_h // tile * side, best_w // tile * side
-    row0, col0, rows, cols = 0, 0, grid_h, grid_w
-    if width / height > grid_w / grid_h:
-        pad = (grid_h - int(round(height * (grid_w / width), 7))) // 2
-        row0, rows = pad, grid_h - 2 * pad
-    else:
-        pad = (grid_w - int(round(width * (grid_h / height), 7))) // 2
-        col0, cols = pad, grid_w - 2 * pad
+    (row0, rows), (col0, cols) = _unpad(width, height, best_h // tile * side, best_w // tile * side)
     out_rows, out_cols = rows, cols
     if max_tiles is not None:                        # OneVision's bilinear shrink
         ratio = math.sqrt(rows * cols / (max_tiles * side ** 2))
         if ratio > 1.1:
             out_rows, out_cols = int(rows // ratio), int(cols // ratio)
-    ys, pitch_y = _axis_centres(row0, rows, out_rows, side, patch, tile)
-    xs, pitch_x = _axis_centres(col0, cols, out_cols, side, patch, tile)
-    # canvas pixels → original pixels (the resize is linear in continuous coordinates)
+    # canvas pixels → original pixels (a resize is linear in continuous pixel coordinates)
     sx, sy = width / new_w, height / new_h
-    xs, ys = (xs - paste_x) * sx, (ys - paste_y) * sy
-    pitch_x, pitch_y = pitch_x * sx, pitch_y * sy
-    maps = [("base", (side, side), (0.0, 0.0, width * seen, height * seen))]
-    x_runs, y_runs = _uniform_runs(xs, pitch_x), _uniform_runs(ys, pitch_y)
-    if len(x_runs) == 1:    # whole rows are uniform: one map per run of equally spaced rows
-        row_groups = [(r, [(0, out_cols)]) for r in y_runs]
-    else:                   # a gap inside every row: one map per row and run
-        row_groups = [((r, r + 1), x_runs) for r in range(out_rows)]
-    highres = []
-    for (r0, r1), runs in row_groups:
-        y_box = (ys[r0] - pitch_y / 2, ys[r1 - 1] + pitch_y / 2)
-        for c0, c1 in runs:
-            box = (xs[c0] - pitch_x / 2, y_box[0], xs[c1 - 1] + pitch_x / 2, y_box[1])
-            highres.append((f"highres_r{r0}_c{c0}", (r1 - r0, c1 - c0), box))
-    if len(highres) == 1:
-        highres[0] = ("highres",) + highres[0][1:]
-    return Layout.stack("anyres", (width, height), maps + highres), (out_rows, out_cols)
+    xs, pitch_x = _axis_centres(col0, cols, out_cols, side, patch, tile)
+    ys, pitch_y = _axis_centres(row0, rows, out_rows, side, patch, tile)
+    highres = _highres_maps((xs - paste_x) * sx, pitch_x * sx, (ys - paste_y) * sy, pitch_y * sy)
+    seen = side * patch / tile                       # share of a tile the vision tower covers
+    base = ("base", (side, side), (0.0, 0.0, width * seen, height * seen))
+    return Layout.stack("anyres", (width, height), [base, *highres]), (out_rows, out_cols)
+
+
+def _unpad(width: int, height: int, grid_h: int, grid_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """unpad_image on the joined feature grid: ((first row, rows), (first col, cols)) kept."""
+    if width / height > grid_w / grid_h:
+        pad = (grid_h - int(round(height * (grid_w / width), 7))) // 2
+        return (pad, grid_h - 2 * pad), (0, grid_w)
+    pad = (grid_w - int(round(width * (grid_h / height), 7))) // 2
+    return (0, grid_h), (pad, grid_w - 2 * pad)
 
 
 def _axis_centres(start: int, kept: int, out: int, side: int, patch: int, tile: int) -> tuple[np.ndarray, float]:
@@ -122,13 +109,31 @@ def _uniform_runs(centres: np.ndarray, pitch: float) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+def _highres_maps(xs: np.ndarray, pitch_x: float, ys: np.ndarray, pitch_y: float) -> list:
+    """(name, grid, box) of the high-res cells, centred at xs [cols] × ys [rows] (original pixels),
+    in token order: one map if the spacing is uniform, else one per run of equally spaced cells —
+    per run of rows when each row is uniform, per row and run when rows have seams."""
+    x_runs, y_runs = _uniform_runs(xs, pitch_x), _uniform_runs(ys, pitch_y)
+    if len(x_runs) == 1:
+        groups = [(rows, x_runs) for rows in y_runs]
+    else:
+        groups = [((r, r + 1), x_runs) for r in range(len(ys))]
+    maps = []
+    for (r0, r1), runs in groups:
+        for c0, c1 in runs:
+            box = (xs[c0] - pitch_x / 2, ys[r0] - pitch_y / 2, xs[c1 - 1] + pitch_x / 2, ys[r1 - 1] + pitch_y / 2)
+            maps.append((f"highres_r{r0}_c{c0}", (r1 - r0, c1 - c0), box))
+    return [("highres", *maps[0][1:])] if len(maps) == 1 else maps
+
+
 class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
     """`LlavaOnevisionProcessor` without its video processor, which needs torchvision.
 
     ProcessorMixin finds a processor's parts from its __init__ signature, so from_pretrained loads
     only the tokenizer and the image processor (the torchvision backend when torchvision is
     installed, else the PIL one — what AutoProcessor would pick). Images go through the parent's own
-    code unchanged (tests/test_family_llava_next.py compares it with the stock class)."""
+    code unchanged (the stock class cannot be built without torchvision; tests/test_family_llava_next.py
+    checks the output against the image processor and the tokenizer called alone)."""
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None, vision_feature_select_strategy=None,
                  chat_template=None, image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_9",

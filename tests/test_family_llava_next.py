@@ -8,12 +8,12 @@ OneVision: SigLIP tile 60 px, patch 8 (7×7 tokens over 56 px: like the real 384
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaNextProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
@@ -23,7 +23,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from adapters import load_adapter
 from adapters.llava_next import LlavaOnevisionImageOnlyProcessor, anyres_tokens
-from collector import collect
+from dataio import InputError
 from layout import cell_boxes
 from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
 
@@ -275,10 +275,18 @@ def test_prompts_use_the_chat_template(next_ckpt, onevision_ckpt):
 
 
 def test_conv_mode_other_than_auto_is_refused(next_ckpt):
-    from dataio import InputError
-
     with pytest.raises(InputError, match="conv_mode"):
         load_adapter(model_cfg(next_ckpt, conv_mode="plain"))
+
+
+def test_a_processor_that_cuts_other_tiles_than_the_model_is_refused(next_ckpt, tmp_path):
+    """Tiles of another size than the vision tower's input would misplace every cell."""
+    ckpt = Path(shutil.copytree(next_ckpt, tmp_path / "tiles-48"))
+    saved = json.loads((ckpt / "processor_config.json").read_text())
+    saved["image_processor"]["crop_size"] = {"height": 48, "width": 48}
+    (ckpt / "processor_config.json").write_text(json.dumps(saved))
+    with pytest.raises(InputError, match="does not match the model"):
+        load_adapter(model_cfg(ckpt))
 
 
 @pytest.mark.parametrize("family", ["next", "onevision"])
