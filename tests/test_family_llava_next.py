@@ -4,12 +4,15 @@ the families' real processor classes, saved and loaded back through adapters.loa
 NeXT: CLIP tile 56 px, patch 8 (7×7 tokens per tile; the patch divides the tile, like 336 / 14).
 OneVision: SigLIP tile 60 px, patch 8 (7×7 tokens over 56 px: like the real 384 / 14 = 27 tokens over
 378 px, the tower skips every tile's last pixels) and anyres_max_4, so larger images are shrunk.
+The geometry is also checked at the real checkpoints' tile, patch and pinpoints (no weights needed).
 """
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +22,9 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaN
                           LlavaNextProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                           PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig)
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
 from adapters import load_adapter
 from adapters.llava_next import LlavaOnevisionImageOnlyProcessor, anyres_tokens
@@ -110,57 +115,83 @@ def onevision_ckpt(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------- geometry: decode what each token was fed
 
-def decoded_cells(adapter, image) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class Anyres:
+    """What the geometry check reads of a checkpoint: its image processor, the model config, and the
+    model class whose own pack_image_features joins, unpads and shrinks (it reads only the config)."""
+
+    image_processor: object
+    config: object
+    model_class: type
+
+    @classmethod
+    def of(cls, adapter) -> "Anyres":
+        return cls(adapter.processor.image_processor, adapter.model.config, type(adapter.model.model))
+
+    @property
+    def max_tiles(self) -> int | None:
+        aspect = getattr(self.config, "vision_aspect_ratio", None)
+        return None if aspect is None else int(aspect.removeprefix("anyres_max_"))
+
+    def tokens(self, size: tuple[int, int], max_tiles: int | None):
+        vision = self.config.vision_config
+        return anyres_tokens(size, vision.image_size, vision.patch_size, self.config.image_grid_pinpoints, max_tiles)
+
+    def pack(self, features: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """[views, side², C] per-patch values → [V, C] in token order, without newlines."""
+        model = SimpleNamespace(config=self.config)
+        if self.max_tiles is None:
+            packed, _ = self.model_class.pack_image_features(model, [features], image_sizes, "default", image_newline=None)
+        else:
+            packed, _ = self.model_class.pack_image_features(model, [features], image_sizes, image_newline=None,
+                                                             vision_aspect_ratio=self.config.vision_aspect_ratio)
+        return packed[0]
+
+
+def decoded_cells(spec: Anyres, image) -> dict[str, np.ndarray]:
     """Per cell token of `image`, in the layout's order, what its pixels decode to (coord_image):
     cx, cy: mean original coordinates of its image pixels; frac: the share of image (not padding)
     pixels; rows, cols: how many pixel rows / columns hold image pixels; and the spread (max − min) of
     the decoded x and y. Statistics per vision patch are packed by the model's own
     pack_image_features (tiles joined, unpadded, shrunk), with no newline."""
     width, height = image.size
-    batch = adapter.processor(images=[image], text=[adapter.prepare([image], ["the cat"]).prompts[0]], return_tensors="pt")
-    improc = adapter.processor.image_processor
-    mean = torch.tensor(improc.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(improc.image_std).view(1, 3, 1, 1)
+    batch = spec.image_processor([image], return_tensors="pt")
+    mean = torch.tensor(spec.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.image_processor.image_std).view(1, 3, 1, 1)
     views = batch["pixel_values"][0].double() * std + mean                    # [views, 3, T, T] in [0, 1]
-    side, p = adapter.tile // adapter.patch, adapter.patch
+    p = spec.config.vision_config.patch_size
+    side = spec.config.vision_config.image_size // p
     patches = views[:, :, :side * p, :side * p].reshape(len(views), 3, side, p, side, p).permute(0, 2, 4, 1, 3, 5)
     x, y = patches[..., 0, :, :] * width, patches[..., 1, :, :] * height      # [views, side, side, p, p]
     inside = patches[..., 2, :, :] > 0.25                                      # B = 0.5 on the image, 0 on padding
-    n = inside.sum((-1, -2)).double()
-    stats = torch.stack([(x * inside).sum((-1, -2)), (y * inside).sum((-1, -2)), n,
+    stats = torch.stack([(x * inside).sum((-1, -2)), (y * inside).sum((-1, -2)), inside.sum((-1, -2)).double(),
                          inside.any(-1).sum(-1).double(), inside.any(-2).sum(-1).double(),
                          torch.where(inside, x, -np.inf).amax((-1, -2)) - torch.where(inside, x, np.inf).amin((-1, -2)),
                          torch.where(inside, y, -np.inf).amax((-1, -2)) - torch.where(inside, y, np.inf).amin((-1, -2))],
                         dim=-1).reshape(len(views), side * side, -1)             # [views, side², 7]
-    stats = torch.nan_to_num(stats, posinf=0.0, neginf=0.0)
-    model = adapter.model.model
-    if adapter.max_tiles is None:
-        packed, _ = model.pack_image_features([stats], batch["image_sizes"], "default", image_newline=None)
-    else:
-        packed, _ = model.pack_image_features([stats], batch["image_sizes"], image_newline=None,
-                                              vision_aspect_ratio=adapter.model.config.vision_aspect_ratio)
-    s = packed[0].numpy()                                                      # [V, 7]
+    s = spec.pack(torch.nan_to_num(stats, posinf=0.0, neginf=0.0), batch["image_sizes"]).numpy()   # [V, 7]
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"cx": s[:, 0] / s[:, 2], "cy": s[:, 1] / s[:, 2], "frac": s[:, 2] / p ** 2, "rows": s[:, 3],
                 "cols": s[:, 4], "spread_x": s[:, 5], "spread_y": s[:, 6]}
 
 
-def assert_cells_cover_what_was_fed(adapter, size: tuple[int, int]) -> dict[str, int]:
-    """Every cell's box, clipped to the image, is centred on the image pixels its token was fed to
-    within 1 px; unshrunk cells also span them (width and height) to within 1 px (plus the colour
-    code's resolution), and a token fed
-    only padding has its box outside the image. Shrunk cells (bilinear mixes) are checked where
-    they mix image pixels only. Returns counts of the cells checked."""
+def assert_cells_cover_what_was_fed(spec: Anyres, size: tuple[int, int], layout=None) -> dict[str, int]:
+    """Every cell's box of `layout` (default: anyres_tokens'), clipped to the image, is centred on the
+    image pixels its token was fed to within 1 px; unshrunk cells also span them (width and height)
+    to within 1 px (plus the colour code's resolution), and a token fed only padding has its box
+    outside the image. Shrunk cells (bilinear mixes) are checked where they mix image pixels only.
+    Returns counts of the cells checked."""
     image = coord_image(*size)
-    layout, grid = anyres_tokens(size, adapter.tile, adapter.patch, adapter.pinpoints, adapter.max_tiles)
-    fed = decoded_cells(adapter, image)
+    expected, grid = spec.tokens(size, spec.max_tiles)
+    layout = layout or expected
+    fed = decoded_cells(spec, image)
     boxes = np.concatenate([cell_boxes(m) for m in layout.maps])                # [V, 4]
     assert len(boxes) == len(fed["cx"]) == layout.num_tokens
     width, height = size
     clipped = np.clip(boxes, 0, [width, height, width, height])
     clip_w, clip_h = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
     shrunk = np.zeros(len(boxes), bool)
-    shrunk[layout.maps[0].size:] = grid != anyres_tokens(size, adapter.tile, adapter.patch, adapter.pinpoints)[1]
+    shrunk[layout.maps[0].size:] = grid != spec.tokens(size, None)[1]
     has_image = fed["frac"] > 0
     centred = has_image & (~shrunk | (fed["frac"] > 0.999))
     np.testing.assert_allclose(fed["cx"][centred], (clipped[centred, 0] + clipped[centred, 2]) / 2, atol=1.0)
@@ -205,7 +236,8 @@ def test_onevision_capture_equals_eager(onevision_ckpt):
 @pytest.mark.parametrize("size", [(150, 90), (70, 160), (200, 60), (61, 150), (100, 100), (180, 75)])
 def test_next_cells_cover_what_the_processor_fed(next_ckpt, size):
     adapter = load_adapter(model_cfg(next_ckpt))
-    assert_cells_cover_what_was_fed(adapter, size)
+    layout = adapter.prepare([coord_image(*size)], ["the cat"]).layouts[0]
+    assert_cells_cover_what_was_fed(Anyres.of(adapter), size, layout)
 
 
 # (150, 90), (170, 110), (160, 170) shrunk; (70, 160), (200, 60), (130, 40) partly padded rows;
@@ -213,15 +245,37 @@ def test_next_cells_cover_what_the_processor_fed(next_ckpt, size):
 @pytest.mark.parametrize("size", [(150, 90), (170, 110), (160, 170), (70, 160), (200, 60), (130, 40), (110, 70), (50, 40)])
 def test_onevision_cells_cover_what_the_processor_fed(onevision_ckpt, size):
     adapter = load_adapter(model_cfg(onevision_ckpt))
-    assert_cells_cover_what_was_fed(adapter, size)
+    layout = adapter.prepare([coord_image(*size)], ["the cat"]).layouts[0]
+    assert_cells_cover_what_was_fed(Anyres.of(adapter), size, layout)
+
+
+REAL_NEXT = Anyres(LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+                   LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14)), LlavaNextModel)
+REAL_ONEVISION = Anyres(LlavaOnevisionImageProcessorPil(),
+                        LlavaOnevisionConfig(vision_config=SiglipVisionConfig(image_size=384, patch_size=14)),
+                        LlavaOnevisionModel)
+
+
+# The real checkpoints' tiles, patches, pinpoints and anyres_max_9 (the classes' defaults; no weights
+# needed: packing reads only the config). SigLIP's 27 tokens cover 378 of 384 px, so the OneVision
+# high-res views are split at every tile seam; (1600, 1200) is shrunk. Images stay ≤ 1600 px: the
+# 8-bit colour code's step (side / 255 px) must stay small for a 1 px check.
+@pytest.mark.parametrize("spec, size", [(REAL_NEXT, (500, 200)), (REAL_NEXT, (240, 600)), (REAL_NEXT, (1000, 750)),
+                                        (REAL_ONEVISION, (500, 200)), (REAL_ONEVISION, (240, 600)),
+                                        (REAL_ONEVISION, (1000, 750)), (REAL_ONEVISION, (1600, 1200))],
+                         ids=lambda v: v.model_class.__name__ if isinstance(v, Anyres) else f"{v[0]}x{v[1]}")
+def test_real_configs_cells_cover_what_the_processor_fed(spec, size):
+    assert_cells_cover_what_was_fed(spec, size)
 
 
 def test_the_geometry_check_sees_partly_padded_and_shrunk_cells(next_ckpt, onevision_ckpt):
     """The sizes above exercise what they claim: cells part image, part padding, and shrunk cells."""
-    next_adapter, ov_adapter = load_adapter(model_cfg(next_ckpt)), load_adapter(model_cfg(onevision_ckpt))
+    next_adapter, ov_adapter = Anyres.of(load_adapter(model_cfg(next_ckpt))), Anyres.of(load_adapter(model_cfg(onevision_ckpt)))
     assert assert_cells_cover_what_was_fed(next_adapter, (70, 160))["partly_padded"] > 0
     assert assert_cells_cover_what_was_fed(ov_adapter, (200, 60))["partly_padded"] > 0
     assert assert_cells_cover_what_was_fed(ov_adapter, (170, 110))["shrunk"] > 0
+    assert assert_cells_cover_what_was_fed(REAL_ONEVISION, (1600, 1200))["shrunk"] > 0
+    assert len(REAL_ONEVISION.tokens((1000, 750), 9)[0].maps) > 2 and len(REAL_NEXT.tokens((1000, 750), None)[0].maps) == 2
 
 
 def test_next_highres_is_one_map_and_the_newline_column_is_not_a_cell(next_ckpt):
