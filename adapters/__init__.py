@@ -19,10 +19,14 @@ from dataio import InputError
 FAMILIES = {
     "llava_original": "llava.original:OriginalLlavaAdapter",
     "llava_hf": "llava.hf:HFLlavaAdapter",
+    "llava_next": "adapters.llava_next:LlavaNextAdapter",
+    "llava_onevision": "adapters.llava_next:LlavaOnevisionAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
     "llava": "llava_hf",
+    "llava_next": "llava_next",
+    "llava_onevision": "llava_onevision",
 }
 
 
