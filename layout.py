@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 MAX_CANVAS_SIDE = 64
 
@@ -115,8 +116,9 @@ def _overlap_1d(starts: np.ndarray, ends: np.ndarray, edges: np.ndarray) -> np.n
     return np.clip(hi - lo, 0.0, None)
 
 
-def splat_matrix(layout: Layout, shape: tuple[int, int]) -> np.ndarray:
-    """[V, rows·cols] float64: canvas = attn_row @ M (see module docstring)."""
+def splat_matrix(layout: Layout, shape: tuple[int, int]) -> sparse.csr_matrix:
+    """Sparse [V, rows·cols] float64: canvas = attn_row @ M (see module docstring). Sparse because a
+    cell overlaps a handful of canvas cells: a dense matrix for a OneVision image is ~150 MB."""
     width, height = layout.image_size
     rows, cols = shape
     x_edges = np.linspace(0.0, width, cols + 1)
@@ -130,9 +132,9 @@ def splat_matrix(layout: Layout, shape: tuple[int, int]) -> np.ndarray:
         cy = y0 + ch * np.arange(mr)
         ox = _overlap_1d(cx, cx + cw, x_edges) / cw          # [mc, cols] fraction of the cell's width
         oy = _overlap_1d(cy, cy + ch, y_edges) / ch          # [mr, rows]
-        # cell (r, c) → canvas (i, j): oy[r, i] · ox[c, j]
-        blocks.append(np.einsum("ri,cj->rcij", oy, ox).reshape(mr * mc, rows * cols))
-    return np.concatenate(blocks, axis=0)
+        # cell (r, c) → canvas (i, j): oy[r, i] · ox[c, j], i.e. the Kronecker product
+        blocks.append(sparse.kron(sparse.csr_matrix(oy), sparse.csr_matrix(ox), format="csr"))
+    return sparse.vstack(blocks, format="csr")
 
 
 def analysis_view(attn, layout: Layout) -> tuple[np.ndarray, Layout]:
@@ -144,8 +146,8 @@ def analysis_view(attn, layout: Layout) -> tuple[np.ndarray, Layout]:
     if len(layout.maps) == 1:
         return arr, layout
     shape = canvas_shape(layout)
-    # one 2-D product: a 4-D `arr @ M` multiplies L·H single rows one by one (~100× slower)
-    canvas = (arr.reshape(-1, arr.shape[-1]) @ splat_matrix(layout, shape)).reshape(*arr.shape[:-1], -1)   # [L, H, 1, rows·cols]
+    rows_2d = arr.reshape(-1, arr.shape[-1])                                        # [L·H, V]
+    canvas = np.asarray(splat_matrix(layout, shape).T @ rows_2d.T).T.reshape(*arr.shape[:-1], -1)   # [L, H, 1, rows·cols]
     width, height = layout.image_size
     return canvas, Layout.single(f"canvas({layout.method})", layout.image_size, shape, (0.0, 0.0, float(width), float(height)),
                                  name="canvas")

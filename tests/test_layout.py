@@ -35,7 +35,7 @@ def test_canvas_conserves_mass_inside_the_image_and_drops_padding():
         ("thumbnail", (2, 2), (0, -50, 300, 250)),          # thumbnail padded top and bottom
     ])
     assert canvas_shape(layout) == (2, 4)
-    matrix = splat_matrix(layout, (2, 4))
+    matrix = splat_matrix(layout, (2, 4)).toarray()
     inside = np.ones(8)
     np.testing.assert_allclose(matrix[:8].sum(axis=1), inside)      # tile cells lie inside the image
     np.testing.assert_allclose(matrix[8:].sum(axis=1), [2 / 3] * 4)   # thumbnail cells are 1/3 padding
