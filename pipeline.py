@@ -23,11 +23,12 @@ import analyze as analysis
 from collector import collect, load_attention, load_image, save_attention
 from dataio import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, safe_output_path
 from outputs import load_analysis, run_analysis, write_outputs
+from progress import track
 import settings
 from settings import REPO, attn_dtype, collect_settings, gen_kwargs, model_dir
 
 log = logging.getLogger("pipeline")
-STAGES = ("collect", "analyze", "visualize", "pipeline", "batch", "select", "evaluate")
+STAGES = ("collect", "analyze", "visualize", "pipeline", "batch", "select", "evaluate", "report")
 
 
 # ---------------------------------------------------------------- stages
@@ -92,7 +93,7 @@ def stage_select(cfg: DictConfig) -> dict:
     if not files:
         raise InputError(f"{folder}: no attention files (<id>.pkl); run stage=batch first or set data.attention_dir")
     tables, models, held_out = [], set(), []
-    for p in files:
+    for p in track(files, "select"):
         record = load_attention(p)
         models.add(record["meta"].get("model_name"))
         if record["meta"].get("split", "train") != "train":
@@ -130,6 +131,12 @@ def stage_batch(cfg: DictConfig) -> dict:
     return run_batch(cfg)
 
 
+def stage_report(cfg: DictConfig) -> Path:
+    from report import build_report
+
+    return build_report(cfg)
+
+
 # ---------------------------------------------------------------- entrypoint
 
 def compose(*overrides: str) -> DictConfig:
@@ -144,7 +151,12 @@ def run(cfg: DictConfig):
     stage = str(cfg.stage)
     if stage not in STAGES:
         raise InputError(f"stage={stage!r} is unknown; use one of {', '.join(STAGES)}")
-    return globals()[f"stage_{stage}"](cfg)
+    # A table, not globals(): a launcher (joblib, submitit) pickles `main` by value, and that
+    # copy's globals hold only the names it references.
+    stages = {"collect": stage_collect, "analyze": stage_analyze, "visualize": stage_visualize,
+              "pipeline": stage_pipeline, "batch": stage_batch, "select": stage_select,
+              "evaluate": stage_evaluate, "report": stage_report}
+    return stages[stage](cfg)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
