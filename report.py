@@ -34,6 +34,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 
 import analyze
@@ -209,6 +210,8 @@ def heads_figure(selection: dict, shape: tuple[int, int] | None) -> bytes:
     bar.set_label("selection frequency (votes / samples)")
     for layer, head in selection.get("heads", []):
         ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="#00e5ff", lw=2))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(f"{len(selection.get('heads', []))} heads selected (outlined)\nvotes of {selection.get('n_samples', '?')} "
@@ -240,7 +243,7 @@ def elbow_figure(mean_sums: np.ndarray, shape: tuple[int, int], n_files: int, se
         ax.plot([], [], "o", mfc="none", mec="#00a0c0", label="selected heads")
     ax.set_xlabel("heads ranked by image-attention sum")
     ax.set_ylabel("image-attention sum S" + (f" (mean of {n_files} samples)" if n_files > 1 else ""))
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)   # a sorted ascending curve leaves that corner empty
     return _png(fig)
 
 
