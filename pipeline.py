@@ -8,6 +8,7 @@ Stages pass files to each other under <data.output_dir>/<model>/:
   batch      JSONL rows → all of the above per id (batched forward, resumable, failures listed)
   select     folder of <id>.pkl   → selected_heads.json, selected_heads_counts.csv (voting, k heads)
   evaluate   JSONL with bbox + folder of <id>_bbox.json → evaluation.json, evaluation_rows.csv
+  report     the model's folder (+ JSONL) → report/index.html (metrics, heads, gallery)
 """
 from __future__ import annotations
 

@@ -111,10 +111,8 @@ def _row(folder: Path, item_id: str, raw: dict, base: Path, failures: dict[str, 
     image = summary.get("image_file") or (str(resolve_path(str(raw["image_path"]), base)) if "image_path" in raw else None)
     row = Row(item_id, raw.get("prompt") or summary.get("query"), Path(image) if image else None,
               viz.as_box(summary.get("bbox_xyxy")), gt, summary=summary)
-    if gt is not None:
-        size = raw.get("width"), raw.get("height")
-        truth = evaluate.GroundTruth(item_id, tuple(gt), tuple(int(v) for v in size) if all(size) else None)
-        scored = evaluate.score_prediction(truth, folder, failures)
+    if gt is not None:   # scored exactly as stage=evaluate scores it
+        scored = evaluate.score_prediction(evaluate.GroundTruth(item_id, tuple(gt), None), folder, failures)
         row.iou, row.status, row.reason = scored.iou, scored.status, scored.reason
     elif summary:
         row.status, row.reason = ("ok", "") if row.pred is not None else ("no_box", "prediction has no box")
@@ -174,9 +172,9 @@ def _analysis_sample(folder: Path) -> list[Path]:
     return files
 
 
-def head_sums(files: list[Path]) -> tuple[np.ndarray, tuple[int, int], list[float]] | None:
-    """Mean per-head image-attention sums [L·H] over analysis files, the (L, H) shape, and each file's τ."""
-    sums, taus, shape = [], [], None
+def head_sums(files: list[Path]) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """Mean per-head image-attention sums [L·H] over analysis files, and the model's (L, H)."""
+    sums, shape = [], None
     for path in files:
         try:
             result = load_analysis(path)
@@ -189,8 +187,7 @@ def head_sums(files: list[Path]) -> tuple[np.ndarray, tuple[int, int], list[floa
         if file_shape != shape:
             continue
         sums.append([h["attn_sum"] for h in sorted(heads, key=lambda h: (h["layer"], h["head"]))])
-        taus.append(float(result["tau"]))
-    return (np.mean(np.asarray(sums), axis=0), shape, taus) if sums else None
+    return (np.mean(np.asarray(sums), axis=0), shape) if sums else None
 
 
 def heads_figure(selection: dict, shape: tuple[int, int] | None) -> bytes:
@@ -393,7 +390,7 @@ def build_report(cfg: DictConfig) -> Path:
     else:
         notes.append("No selected_heads.json (stage=select) for this run: no head-frequency map.")
     if sums is not None:
-        mean_sums, shape, _ = sums
+        mean_sums, shape = sums
         chosen = [tuple(h) for h in selection["heads"]] if selection else []
         atomic_write_bytes(out / "elbow.png", elbow_figure(mean_sums, shape, len(analyses), selection, chosen))
         figures.append(("elbow.png", "tau elbow curve",

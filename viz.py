@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from analyze import head_maps
 from bbox import grid_to_image
+from evaluate import iou_xyxy
 from llava.geometry import Geometry
 
 PRED, GT, VIEW = "#00e000", "#ff2a2a", "magenta"   # predicted box, ground-truth box, the model's view (crop)
@@ -31,12 +32,6 @@ OUTLINE = "white"                                  # the image's outline on the 
 HEAT = "jet"
 FONT = 10
 DPI = 100
-
-
-def iou(a, b) -> float:
-    from evaluate import iou_xyxy
-
-    return iou_xyxy(a, b)
 
 
 def as_box(value) -> list[float] | None:
@@ -173,7 +168,7 @@ def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result
         _box(top[0], pred, PRED, "predicted box")
     if gt is not None:
         _box(top[0], gt, GT, "ground truth", style="--")
-        top[0].set_title(f"IoU {iou(pred, gt):.2f} with the ground truth" if pred is not None
+        top[0].set_title(f"IoU {iou_xyxy(pred, gt):.2f} with the ground truth" if pred is not None
                          else "no predicted box", fontsize=FONT)
     elif pred is None:
         top[0].set_title("no predicted box", fontsize=FONT)

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.colorbar import Colorbar
+from omegaconf import OmegaConf
 from PIL import Image
 
 import bbox
@@ -31,7 +32,7 @@ def item(image_size, grid=(7, 7), pad=True, crop=False, gt=(10, 8, 40, 30)):
              {"layer": 0, "head": 0, "spatial_entropy": None, "attn_sum": 0.05},
              {"layer": 1, "head": 1, "spatial_entropy": 0.6931, "attn_sum": 0.05}]
     grid_map = bbox.combine_heads(attn, grid, [(1, 2)], 1.0)
-    result = bbox.locate(grid_map, geometry, type("M", (), {"method": "largest_hull", "get": lambda s, k, d: "half_max"})())
+    result = bbox.locate(grid_map, geometry, OmegaConf.create({"method": "largest_hull", "threshold": "half_max"}))
     return Image.new("RGB", image_size, (90, 90, 90)), attn, meta, heads, result
 
 
