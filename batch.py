@@ -14,7 +14,9 @@ from collector import collect, load_attention, load_image, save_attention
 from dataio import InputError, atomic_write_text, read_jsonl, resolve_path, safe_output_path
 from outputs import run_analysis, write_outputs
 import refine
+from progress import Progress
 import settings
+import shards
 from settings import attn_dtype, box_settings, collect_settings, fixed_heads, gen_kwargs, model_dir
 
 log = logging.getLogger("batch")
@@ -74,7 +76,7 @@ def select_rows(cfg: DictConfig) -> tuple[list[tuple[int, dict]], Path]:
         if item_id in seen:
             raise InputError(f"{data_file}:{lineno}: duplicate id {item_id!r} (first on line {seen[item_id]})")
         seen[item_id] = lineno
-    return rows, data_file.parent
+    return shards.rows_of_shard(rows, cfg.data.num_shards, cfg.data.shard), data_file.parent
 
 
 def run_batch(cfg: DictConfig) -> dict:
@@ -96,7 +98,8 @@ def run_batch(cfg: DictConfig) -> dict:
     dtype = attn_dtype(cfg)
     refiner = refine.load_refiner(cfg)  # SAM (logic.mask.refine=sam), loaded once per run; else None
     # Saving, analysis, boxes and figures run on one writer thread while the model works.
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    progress = Progress("batch", len(rows), initial=len(rows) - len(todo) - len(rebox))
+    with ThreadPoolExecutor(max_workers=1) as writer, progress:
         pending: list[tuple[str, Future]] = [
             (item_id, writer.submit(_finish_item, out_dir, item_id, None, cfg, dtype, bool(figure), refiner))
             for item_id in rebox]
@@ -111,14 +114,15 @@ def run_batch(cfg: DictConfig) -> dict:
                 for item_id, record_or_error in _collect_items(adapter, items, cfg):
                     if isinstance(record_or_error, str):
                         failures.append({"id": item_id, "error": record_or_error})
+                        progress.update(1, failed=len(failures))
                         continue
                     pending.append((item_id, writer.submit(_finish_item, out_dir, item_id, record_or_error, cfg,
                                                            dtype, bool(figure), refiner)))
-                done += _drain(pending, failures, block=False)
-        done += _drain(pending, failures, block=True)
-    _write_failures(out_dir, failures)
-    log.info("batch: %d written, %d failed%s", done, len(failures),
-             f" (listed in {out_dir / 'failures.jsonl'})" if failures else "")
+                done += _drain(pending, failures, progress, block=False)
+        done += _drain(pending, failures, progress, block=True)
+    failure_file = shards.failure_file(out_dir, cfg.data.num_shards, cfg.data.shard)
+    _write_failures(failure_file, failures)
+    log.info("batch: %d written, %d failed%s", done, len(failures), f" (listed in {failure_file})" if failures else "")
     return {"rows": len(rows), "written": done, "failed": len(failures), "out_dir": str(out_dir)}
 
 
@@ -151,6 +155,8 @@ def _collect_items(adapter, items, cfg: DictConfig):
             record["meta"].update(image_file=path, id=str(row["id"]), collect_settings=dict(settings))
             if "split" in row:  # stage=select refuses non-train rows unless told otherwise
                 record["meta"]["split"] = str(row["split"])
+            if "bbox" in row:   # the ground truth, drawn in <id>_top{K}.png and kept in <id>_bbox.json
+                record["meta"]["gt_bbox"] = row["bbox"]
             yield str(row["id"]), record
 
 
@@ -167,7 +173,7 @@ def _finish_item(out_dir: Path, item_id: str, record: dict | None, cfg: DictConf
     write_outputs(out_dir, item_id, record, result, cfg, figure=figure, refiner=refiner)
 
 
-def _drain(pending: list, failures: list, block: bool) -> int:
+def _drain(pending: list, failures: list, progress: Progress, block: bool) -> int:
     done = 0
     for entry in list(pending):
         item_id, future = entry
@@ -179,11 +185,11 @@ def _drain(pending: list, failures: list, block: bool) -> int:
             done += 1
         except Exception as e:  # noqa: BLE001
             failures.append({"id": item_id, "error": f"{e.__class__.__name__}: {e}"})
+        progress.update(1, failed=len(failures))
     return done
 
 
-def _write_failures(out_dir: Path, failures: list[dict]) -> None:
-    path = out_dir / "failures.jsonl"
+def _write_failures(path: Path, failures: list[dict]) -> None:
     if failures:
         atomic_write_text(path, "".join(json.dumps(f) + "\n" for f in failures))
         for f in failures:

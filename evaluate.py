@@ -28,6 +28,8 @@ from PIL import Image, UnidentifiedImageError
 
 import cocomask
 from dataio import InputError, atomic_write_json, atomic_write_text, read_jsonl, safe_output_path
+from progress import track
+from shards import failure_files
 
 THRESHOLDS = (0.25, 0.5, 0.75)
 MAX_LISTED = 100  # evaluation.json stays readable on a 10k-row split; the CSV has every row
@@ -105,16 +107,15 @@ def load_ground_truth(data_file: str | Path) -> list[GroundTruth]:
 
 
 def load_failures(pred_dir: str | Path) -> dict[str, str]:
-    """id -> error from <pred_dir>/failures.jsonl; a torn last line (crash mid-append) keeps what came before."""
-    path = Path(pred_dir) / "failures.jsonl"
+    """id -> error from <pred_dir>/failures.jsonl and every shard's failures.shard-<i>-of-<N>.jsonl;
+    a torn last line (crash mid-append) keeps what came before."""
     reasons: dict[str, str] = {}
-    if not path.is_file():
-        return reasons
-    try:
-        for _, row in read_jsonl(path, required=("id",)):
-            reasons[str(row["id"])] = str(row.get("error", "unknown error"))
-    except InputError:
-        pass
+    for path in failure_files(pred_dir):
+        try:
+            for _, row in read_jsonl(path, required=("id",)):
+                reasons[str(row["id"])] = str(row.get("error", "unknown error"))
+        except InputError:
+            pass
     return reasons
 
 
@@ -269,7 +270,7 @@ def evaluate(data_file: str | Path, pred_dir: str | Path, out_dir: str | Path | 
         raise InputError(f"{pred_dir}: prediction folder not found; run the grounding step first")
     truth = load_ground_truth(data_file)
     failures = load_failures(pred_dir)
-    results = [score_prediction(gt, pred_dir, failures) for gt in truth]
+    results = [score_prediction(gt, pred_dir, failures) for gt in track(truth, "evaluate", unit="rows")]
     summary = summarize(results, data_file, pred_dir)
     masks = {gt.id: score_mask(gt, pred_dir, r) for gt, r in zip(truth, results) if gt.segmentation is not None}
     summary.update(summarize_masks(list(masks.values())))

@@ -70,13 +70,15 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
     refine.write_masks(out_dir, item_id, loc["mask"], mask, refined=refinement is not None)
     if figure:
         image = load_image(record["meta"]["image_file"])
-        png = viz.figure_png(image, record["attn"], record["meta"], heads, loc)
+        png = viz.figure_png(image, record["attn"], record["meta"], heads, loc, logic=str(cfg.logic.name),
+                             tau=result["tau"], heads_source=source)
         atomic_write_bytes(safe_output_path(out_dir, item_id, figure_suffix(cfg)), png)
     summary = {
         "id": item_id,
         "query": record["meta"].get("query"),
         "image_file": record["meta"].get("image_file"),
         "bbox_xyxy": loc["bbox_xyxy"],
+        "gt_bbox": record["meta"].get("gt_bbox"),   # the JSONL row's bbox, when batch had one
         "box_convention": "xyxy, original-image pixels, half-open [x0, x1) × [y0, y1)",
         "image_size": list(record["meta"]["image_size"]),
         "selected_heads": heads,

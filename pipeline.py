@@ -8,6 +8,7 @@ Stages pass files to each other under <data.output_dir>/<model>/:
   batch      JSONL rows → all of the above per id (batched forward, resumable, failures listed)
   select     folder of <id>.pkl   → selected_heads.json, selected_heads_counts.csv (voting, k heads)
   evaluate   JSONL with bbox + folder of <id>_bbox.json → evaluation.json, evaluation_rows.csv
+  report     the model's folder (+ JSONL) → report/index.html (metrics, heads, gallery)
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from collector import collect, load_attention, load_image, save_attention
 from dataio import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, safe_output_path
 from layout import analysis_record
 from outputs import describe_analysis, load_analysis, run_analysis, write_outputs
+from progress import track
 import settings
 from settings import REPO, attn_dtype, collect_settings, gen_kwargs, model_dir
 
 log = logging.getLogger("pipeline")
-STAGES = ("collect", "analyze", "visualize", "pipeline", "batch", "select", "evaluate")
+STAGES = ("collect", "analyze", "visualize", "pipeline", "batch", "select", "evaluate", "report")
 
 
 # ---------------------------------------------------------------- stages
@@ -92,7 +94,7 @@ def stage_select(cfg: DictConfig) -> dict:
     if not files:
         raise InputError(f"{folder}: no attention files (<id>.pkl); run stage=batch first or set data.attention_dir")
     tables, models, held_out = [], set(), []
-    for p in files:
+    for p in track(files, "select"):
         record = load_attention(p)
         models.add(record["meta"].get("model_name"))
         if record["meta"].get("split", "train") != "train":
@@ -131,6 +133,12 @@ def stage_batch(cfg: DictConfig) -> dict:
     return run_batch(cfg)
 
 
+def stage_report(cfg: DictConfig) -> Path:
+    from report import build_report
+
+    return build_report(cfg)
+
+
 # ---------------------------------------------------------------- entrypoint
 
 def compose(*overrides: str) -> DictConfig:
@@ -145,7 +153,12 @@ def run(cfg: DictConfig):
     stage = str(cfg.stage)
     if stage not in STAGES:
         raise InputError(f"stage={stage!r} is unknown; use one of {', '.join(STAGES)}")
-    return globals()[f"stage_{stage}"](cfg)
+    # A table, not globals(): a launcher (joblib, submitit) pickles `main` by value, and that
+    # copy's globals hold only the names it references.
+    stages = {"collect": stage_collect, "analyze": stage_analyze, "visualize": stage_visualize,
+              "pipeline": stage_pipeline, "batch": stage_batch, "select": stage_select,
+              "evaluate": stage_evaluate, "report": stage_report}
+    return stages[stage](cfg)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

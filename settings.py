@@ -10,6 +10,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dataio import InputError
+from progress import quiet_library_bars
+from shards import shard_device
 
 REPO = Path(__file__).resolve().parent
 ATTN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -62,7 +64,11 @@ def attn_dtype(cfg: DictConfig) -> torch.dtype:
 def load_adapter_from(cfg: DictConfig):
     from adapters import load_adapter
 
-    model_cfg = OmegaConf.merge(cfg.model, {"name": model_path(str(cfg.model.name))})
+    quiet_library_bars()
+    overrides = {"name": model_path(str(cfg.model.name))}
+    if cfg.data.get("device_per_shard"):   # one machine, several GPUs: spread the shards over them
+        overrides["device"] = shard_device(str(cfg.model.device), int(cfg.data.shard), torch.cuda.device_count())
+    model_cfg = OmegaConf.merge(cfg.model, overrides)
     return load_adapter(model_cfg, str(cfg.model.attn_capture))
 
 

@@ -1,0 +1,410 @@
+"""stage=report: one static HTML page per run folder, <model dir>/report/index.html, that opens
+from disk with no server and no script.
+
+What it shows:
+  - metrics: n, Acc@0.25 / 0.5 / 0.75, mIoU over every row with a ground-truth box (failed and
+    missing rows count as IoU 0, as in stage=evaluate), failures, and a 95 % bootstrap interval on
+    Acc@0.5 (fixed seed);
+  - the L × H head-selection frequency heat map of the selected_heads.json the run used;
+  - the τ elbow curve: the per-head image-attention sums (averaged over the run's analysis files),
+    sorted, with the chord, its elbow and the selection's τ;
+  - a gallery of overlays (image, combined heat map, predicted box, ground-truth box and IoU):
+    worst first, best and a random sample (fixed seed) of GALLERY rows each — or every row when
+    the run is small — with thumbnails of at most THUMB_PX px written once under report/thumbs/;
+  - report/rows.csv, every row (the gallery is a sample for large runs; the page says so).
+
+Which rows: those of data.data_file when the folder holds predictions for its ids; otherwise (a
+single-image run, or a JSONL that is not this folder's) every <id>_bbox.json in the folder.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+from omegaconf import DictConfig
+
+import analyze
+import evaluate
+import viz
+from bbox import combine_heads, grid_to_image
+from collector import load_attention, load_image
+from dataio import InputError, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path
+from llava.geometry import Geometry
+from outputs import load_analysis
+from progress import track
+from settings import model_dir
+
+log = logging.getLogger("report")
+
+GALLERY = 24          # thumbnails per group (worst, best, random)
+THUMB_PX = 256        # longest side of a thumbnail
+ELBOW_FILES = 1000    # analysis files averaged for the elbow curve (a fixed-seed sample beyond)
+RESAMPLES = 10_000    # bootstrap resamples
+SEED = 0
+BBOX = "_bbox.json"
+
+
+@dataclass
+class Row:
+    id: str
+    prompt: str | None = None
+    image: Path | None = None
+    pred: list[float] | None = None
+    gt: list[float] | None = None
+    iou: float | None = None
+    status: str = "missing"       # ok | no_box | failed | missing
+    reason: str = ""
+    summary: dict = field(default_factory=dict)   # the <id>_bbox.json
+
+
+# ---------------------------------------------------------------- rows
+
+def _read_summary(path: Path) -> dict:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def collect_rows(folder: Path, data_file: str | None) -> tuple[list[Row], str]:
+    """The run's rows with predictions, ground truth and status, and a phrase saying where they came from."""
+    predicted = {p.name[: -len(BBOX)] for p in folder.glob(f"*{BBOX}")}
+    jsonl: list[tuple[int, dict]] = []
+    if data_file and Path(str(data_file)).is_file():
+        jsonl = list(read_jsonl(data_file, required=("id",)))
+        if predicted and not any(str(r["id"]) in predicted for _, r in jsonl):
+            log.warning("report: %s has none of the %d predictions in %s; reporting the folder instead",
+                        data_file, len(predicted), folder)
+            jsonl = []
+    failures = evaluate.load_failures(folder)
+    if jsonl:
+        source = f"the {len(jsonl)} rows of {data_file}"
+        entries = [(str(r["id"]), r) for _, r in jsonl]
+        base = Path(str(data_file)).parent
+    else:
+        if not predicted:
+            raise InputError(f"{folder}: no predictions (<id>{BBOX}) to report; run stage=batch or stage=pipeline first "
+                             "(or set data.pred_dir)")
+        source = f"the {len(predicted)} predictions in {folder}"
+        entries, base = [(item_id, {}) for item_id in sorted(predicted)], Path(".")
+    return [_row(folder, item_id, raw, base, failures) for item_id, raw in track(entries, "report", unit="rows")], source
+
+
+def _row(folder: Path, item_id: str, raw: dict, base: Path, failures: dict[str, str]) -> Row:
+    summary = _read_summary(folder / f"{item_id}{BBOX}")
+    gt = viz.as_box(raw["bbox"]) if "bbox" in raw else viz.as_box(summary.get("gt_bbox"))
+    image = summary.get("image_file") or (str(resolve_path(str(raw["image_path"]), base)) if "image_path" in raw else None)
+    row = Row(item_id, raw.get("prompt") or summary.get("query"), Path(image) if image else None,
+              viz.as_box(summary.get("bbox_xyxy")), gt, summary=summary)
+    if gt is not None:   # scored exactly as stage=evaluate scores it
+        scored = evaluate.score_prediction(evaluate.GroundTruth(item_id, tuple(gt), None), folder, failures)
+        row.iou, row.status, row.reason = scored.iou, scored.status, scored.reason
+    elif summary:
+        row.status, row.reason = ("ok", "") if row.pred is not None else ("no_box", "prediction has no box")
+    else:
+        row.status, row.reason = ("failed", failures[item_id]) if item_id in failures else ("missing", "no prediction file")
+    return row
+
+
+# ---------------------------------------------------------------- metrics
+
+def bootstrap_interval(hits: np.ndarray, *, resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean of 0/1 `hits`. Resampling n rows with
+    replacement draws Binomial(n, p̂) hits, so the resampled means are drawn that way directly
+    (the same distribution, without an n × resamples index array for 20,000 rows)."""
+    n = hits.size
+    means = np.random.default_rng(seed).binomial(n, hits.mean(), size=resamples) / n
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def metrics(rows: list[Row]) -> dict:
+    scored = [r for r in rows if r.gt is not None]
+    out = {"rows": len(rows), "with_gt": len(scored), "failed": sum(r.status in ("failed", "missing") for r in rows),
+           "no_box": sum(r.status == "no_box" for r in rows)}
+    if scored:
+        ious = np.array([r.iou for r in scored], dtype=np.float64)
+        out.update({f"acc@{t}": float((ious >= t).mean()) for t in evaluate.THRESHOLDS})
+        out["miou"] = float(ious.mean())
+        out["acc@0.5_ci95"] = bootstrap_interval((ious >= 0.5).astype(np.float64))
+    return out
+
+
+# ---------------------------------------------------------------- figures
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def find_selection(folder: Path, cfg: DictConfig, rows: list[Row]) -> Path | None:
+    """The selected_heads.json of this folder, else the one the run's boxes were made with."""
+    candidates = [folder / "selected_heads.json", cfg.logic.get("heads")]
+    candidates += [r.summary.get("settings", {}).get("logic", {}).get("heads") for r in rows[:1]]
+    for c in candidates:
+        if isinstance(c, (str, Path)) and Path(c).is_file():
+            return Path(c)
+    return None
+
+
+def _analysis_sample(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*_analysis.pkl"))
+    if len(files) > ELBOW_FILES:
+        keep = np.random.default_rng(SEED).choice(len(files), size=ELBOW_FILES, replace=False)
+        files = [files[i] for i in sorted(keep)]
+    return files
+
+
+def head_sums(files: list[Path]) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """Mean per-head image-attention sums [L·H] over analysis files, and the model's (L, H)."""
+    sums, shape = [], None
+    for path in files:
+        try:
+            result = load_analysis(path)
+        except InputError:
+            continue
+        heads = result["heads"]
+        file_shape = (max(h["layer"] for h in heads) + 1, max(h["head"] for h in heads) + 1)
+        if shape is None:
+            shape = file_shape
+        if file_shape != shape:
+            continue
+        sums.append([h["attn_sum"] for h in sorted(heads, key=lambda h: (h["layer"], h["head"]))])
+    return (np.mean(np.asarray(sums), axis=0), shape) if sums else None
+
+
+def heads_figure(selection: dict, shape: tuple[int, int] | None) -> bytes:
+    """L × H heat map of how often each head was voted for, the selected heads outlined."""
+    counts = selection.get("counts", [])
+    if shape is None:
+        shape = (max(c["layer"] for c in counts) + 1, max(c["head"] for c in counts) + 1)
+    freq = np.zeros(shape)
+    for c in counts:
+        if c["layer"] < shape[0] and c["head"] < shape[1]:
+            freq[c["layer"], c["head"]] = c["frequency"]
+    layers, heads = shape
+    fig, ax = plt.subplots(figsize=(min(12, max(5.5, 2.5 + 0.28 * heads)), min(10, max(3.5, 1.8 + 0.24 * layers))),
+                           layout="constrained")
+    shown = ax.imshow(freq, cmap="magma", vmin=0, vmax=max(1e-9, freq.max()), aspect="auto", interpolation="nearest")
+    bar = fig.colorbar(shown, ax=ax)
+    bar.set_label("selection frequency (votes / samples)")
+    for layer, head in selection.get("heads", []):
+        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="#00e5ff", lw=2))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{len(selection.get('heads', []))} heads selected (outlined)\nvotes of {selection.get('n_samples', '?')} "
+                 "samples", fontsize=10)
+    return _png(fig)
+
+
+def elbow_figure(mean_sums: np.ndarray, shape: tuple[int, int], n_files: int, selection: dict | None,
+                 chosen: list[tuple[int, int]]) -> bytes:
+    """Sorted per-head attention sums with the chord, its elbow τ, and the selection's τ."""
+    order = np.argsort(mean_sums, kind="stable")
+    y = mean_sums[order]
+    x = np.arange(y.size)
+    tau = analyze.chord_elbow(mean_sums)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+    ax.plot(x, y, ".-", color="#444444", ms=3, lw=1, label="heads, sorted")
+    ax.plot([0, y.size - 1], [y[0], y[-1]], ":", color="#888888", label="chord")
+    ax.axhline(tau, color="#d62728", lw=1.2, label=f"elbow τ = {tau:.3f}")
+    if selection and selection.get("tau") is not None:
+        ax.axhline(float(selection["tau"]), color="#1f77b4", lw=1.2, ls="--",
+                   label=f"selection τ = {float(selection['tau']):.3f} ({selection.get('tau_scope', '?')})")
+    heads_per_layer = shape[1]
+    rank = {int(flat): i for i, flat in enumerate(order)}
+    for layer, head in chosen:
+        flat = layer * heads_per_layer + head
+        if flat in rank:
+            ax.plot(rank[flat], mean_sums[flat], "o", mfc="none", mec="#00a0c0", ms=9)
+    if chosen:
+        ax.plot([], [], "o", mfc="none", mec="#00a0c0", label="selected heads")
+    ax.set_xlabel("heads ranked by image-attention sum")
+    ax.set_ylabel("image-attention sum S" + (f" (mean of {n_files} samples)" if n_files > 1 else ""))
+    ax.legend(loc="lower right", fontsize=8)   # a sorted ascending curve leaves that corner empty
+    return _png(fig)
+
+
+def thumbnail(row: Row, folder: Path, thumbs: Path) -> str | None:
+    """report/thumbs/<id>-<hash>.png, made once: the hash covers what is drawn, so a changed box
+    makes a new file and an unchanged one is never redrawn. None when the image cannot be read."""
+    if row.image is None:
+        return None
+    heads = [(h["layer"], h["head"]) for h in row.summary.get("selected_heads", [])]
+    sigma = row.summary.get("settings", {}).get("logic", {}).get("smoothing", {}).get("sigma", 1.0)
+    key = json.dumps([str(row.image), row.pred, row.gt, heads, sigma, THUMB_PX])
+    name = f"{row.id}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.png"
+    if (thumbs / name).is_file():
+        return name
+    try:
+        image = load_image(row.image)
+    except InputError:
+        return None
+    heat = None
+    attn_file = folder / f"{row.id}.pkl"
+    if heads and attn_file.is_file():
+        try:
+            record = load_attention(attn_file)
+            geometry = Geometry.from_dict(record["meta"]["geometry"])
+            heat = grid_to_image(combine_heads(record["attn"], geometry.grid, heads, float(sigma)), geometry)
+        except (InputError, KeyError, IndexError, ValueError):
+            heat = None
+    atomic_write_bytes(thumbs / name, viz.thumbnail_png(image, heat, row.pred, row.gt, THUMB_PX))
+    return name
+
+
+# ---------------------------------------------------------------- gallery and page
+
+def gallery_groups(rows: list[Row]) -> list[tuple[str, list[Row]]]:
+    """(title, rows) groups. With ground truth: worst first, best, random sample; small runs
+    (≤ 3 groups' worth) show every row, worst first. Without: a random sample, or every row."""
+    has_gt = any(r.gt is not None for r in rows)
+    if has_gt:
+        ordered = sorted(rows, key=lambda r: (r.iou if r.iou is not None else -1.0, r.id))
+    else:
+        ordered = sorted(rows, key=lambda r: r.id)
+    if len(rows) <= 3 * GALLERY:
+        return [("Every row" + (", worst first" if has_gt else ""), ordered)]
+    rng = np.random.default_rng(SEED)
+    sample = [rows[i] for i in sorted(rng.choice(len(rows), size=GALLERY, replace=False))]
+    if not has_gt:
+        return [(f"Random sample of {GALLERY} (seed {SEED})", sample)]
+    return [(f"Worst {GALLERY}", ordered[:GALLERY]), (f"Best {GALLERY}", ordered[::-1][:GALLERY]),
+            (f"Random sample of {GALLERY} (seed {SEED})", sample)]
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _metrics_html(m: dict) -> str:
+    rows = [("rows", m["rows"]), ("rows with a ground-truth box (n)", m["with_gt"]),
+            ("failed or missing", m["failed"]), ("no box predicted", m["no_box"])]
+    if m["with_gt"]:
+        low, high = m["acc@0.5_ci95"]
+        rows += [("Acc@0.25", _fmt(m["acc@0.25"])),
+                 ("Acc@0.5", f"{_fmt(m['acc@0.5'])} (95 % bootstrap interval {low:.3f} – {high:.3f})"),
+                 ("Acc@0.75", _fmt(m["acc@0.75"])), ("mIoU", _fmt(m["miou"]))]
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    note = ("" if m["with_gt"] else "<p class=note>No ground-truth boxes: accuracy is not computed.</p>")
+    return f"<table class=metrics id=metrics>{body}</table>{note}"
+
+
+def _card(row: Row, thumb: str | None) -> str:
+    iou = f"IoU {row.iou:.2f}" if row.iou is not None else ("no ground truth" if row.gt is None else "")
+    status = "" if row.status == "ok" else f" · {row.status}: {row.reason}"
+    picture = (f'<img src="thumbs/{quote(thumb)}" alt="{html.escape(row.id)}">' if thumb
+               else "<div class=noimg>image not available</div>")
+    return (f"<figure class=card>{picture}<figcaption><b>{html.escape(row.id)}</b> · {html.escape(iou)}"
+            f"{html.escape(status)}<br>{html.escape(row.prompt or '')}</figcaption></figure>")
+
+
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1200px; padding: 0 16px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+table.metrics { border-collapse: collapse; } .metrics th, .metrics td { padding: 3px 14px 3px 0; text-align: left; }
+.metrics th { font-weight: 600; } .note, .muted { color: #666; }
+.figures img { max-width: 100%; margin-right: 12px; border: 1px solid #eee; }
+.gallery { display: flex; flex-wrap: wrap; gap: 10px; }
+.card { width: 260px; margin: 0; } .card img { max-width: 256px; max-height: 256px; display: block; }
+.card figcaption { font-size: 13px; overflow-wrap: anywhere; }
+.noimg { width: 256px; height: 60px; background: #f2f2f2; color: #888; display: flex; align-items: center; justify-content: center; }
+.key { display: inline-block; width: 22px; height: 0; vertical-align: middle; margin: 0 4px 0 12px; }
+"""
+
+
+def render_html(title: str, source: str, m: dict, figures: list[tuple[str, str, str]], notes: list[str],
+                groups: list[tuple[str, list[tuple[Row, str | None]]]], n_rows: int) -> str:
+    shown = sum(len(g) for _, g in groups)
+    figs = "".join(f'<figure><img src="{quote(name)}" alt="{html.escape(alt)}"><figcaption class=muted>'
+                   f"{html.escape(caption)}</figcaption></figure>" for name, alt, caption in figures)
+    sections = "".join(f"<h3>{html.escape(t)}</h3><div class=gallery>{''.join(_card(r, th) for r, th in g)}</div>"
+                       for t, g in groups)
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>
+<meta name=viewport content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class=muted>Rows: {html.escape(source)}. Every row: <a href="rows.csv">rows.csv</a>.</p>
+<h2>Metrics</h2>
+{_metrics_html(m)}
+<h2>Heads</h2>
+<div class=figures>{figs}</div>
+{''.join(f'<p class=note>{html.escape(n)}</p>' for n in notes)}
+<h2>Gallery</h2>
+<p class=muted>{shown} of {n_rows} rows shown{'' if shown >= n_rows else ' (a sample: see rows.csv for all)'}.
+Thumbnails: image with the combined heat map,
+<span class=key style="border-top: 3px solid #00e000"></span>predicted box,
+<span class=key style="border-top: 3px dashed #ff2a2a"></span>ground-truth box.</p>
+{sections}
+</body></html>
+"""
+
+
+def _rows_csv(rows: list[Row]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "status", "iou", "bbox_xyxy", "gt_bbox", "prompt", "reason"])
+    for r in rows:
+        writer.writerow([r.id, r.status, "" if r.iou is None else f"{r.iou:.6f}", json.dumps(r.pred),
+                         json.dumps(r.gt), r.prompt or "", r.reason])
+    return buf.getvalue()
+
+
+def build_report(cfg: DictConfig) -> Path:
+    """Write <folder>/report/index.html (+ figures, thumbnails, rows.csv); return its path."""
+    folder = Path(str(cfg.data.pred_dir)) if cfg.data.get("pred_dir") else model_dir(cfg)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: run folder not found; run stage=batch first or set data.pred_dir")
+    out = folder / "report"
+    rows, source = collect_rows(folder, cfg.data.get("data_file"))
+    m = metrics(rows)
+
+    figures, notes = [], []
+    analyses = _analysis_sample(folder)
+    sums = head_sums(analyses)
+    selection_file = find_selection(folder, cfg, rows)
+    selection = json.loads(selection_file.read_text()) if selection_file else None
+    if selection and selection.get("counts"):
+        atomic_write_bytes(out / "heads.png", heads_figure(selection, sums[1] if sums else None))
+        figures.append(("heads.png", "head selection frequency", f"Head-selection frequency from {selection_file}"))
+    else:
+        notes.append("No selected_heads.json (stage=select) for this run: no head-frequency map.")
+    if sums is not None:
+        mean_sums, shape = sums
+        chosen = [tuple(h) for h in selection["heads"]] if selection else []
+        atomic_write_bytes(out / "elbow.png", elbow_figure(mean_sums, shape, len(analyses), selection, chosen))
+        figures.append(("elbow.png", "tau elbow curve",
+                        f"Criterion 1: per-head image-attention sums over {len(analyses)} analysis file(s)"
+                        + (f" (a seed-{SEED} sample of the folder's)" if len(analyses) == ELBOW_FILES else "")))
+    else:
+        notes.append("No analysis files (<id>_analysis.pkl) in the folder: no τ elbow curve.")
+
+    thumbs = out / "thumbs"
+    groups = [(title, [(r, thumbnail(r, folder, thumbs)) for r in members]) for title, members in gallery_groups(rows)]
+    atomic_write_text(out / "rows.csv", _rows_csv(rows))
+    title = f"localization-heads report: {folder.name}"
+    page = out / "index.html"
+    atomic_write_text(page, render_html(title, source, m, figures, notes, groups, len(rows)))
+    log.info("report: %d rows%s → %s", len(rows),
+             f", Acc@0.5 {m['acc@0.5']:.3f} on {m['with_gt']}" if m["with_gt"] else "", page)
+    return page

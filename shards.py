@@ -1,0 +1,71 @@
+"""Which rows a shard owns, where its failure list goes, and which GPU it runs on.
+
+`data.num_shards=N data.shard=i` makes stage=batch process only shard i's rows. A row belongs to
+shard `sha256(id) mod N`. By id, not by position, because the id is what names a row's files:
+the owner of `<id>_*` stays the same whatever the row's line number, whichever `start_index` /
+`end_index` slice or row order is used, and when rows are appended to the JSONL — so a rerun
+(resume) of shard i finds exactly its own finished files, and two shards never write the same file.
+sha256 rather than Python's `hash()`, which is salted per process. Shards are balanced only in
+expectation (±√(n/N) rows), which does not matter for throughput at dataset scale.
+
+Shards share one output folder. Per-id files cannot clash (disjoint ids); the one per-run file a
+batch writes, the failure list, is per shard: `failures.shard-<i>-of-<N>.jsonl`. Readers take
+the union (`failure_files`).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from dataio import InputError
+
+FAILURES = "failures.jsonl"
+
+
+def shard_of(item_id: str, num_shards: int) -> int:
+    """The shard (0 ≤ shard < num_shards) that owns row `item_id`."""
+    digest = hashlib.sha256(str(item_id).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def check_shard(num_shards, shard) -> tuple[int, int]:
+    """(num_shards, shard) as ints, or an InputError naming the keys."""
+    try:
+        n, i = int(num_shards), int(shard)
+    except (TypeError, ValueError):
+        raise InputError(f"data.num_shards={num_shards!r} / data.shard={shard!r} must be integers") from None
+    if n < 1:
+        raise InputError(f"data.num_shards={n} must be at least 1")
+    if not 0 <= i < n:
+        raise InputError(f"data.shard={i} must be in 0..{n - 1} for data.num_shards={n}")
+    return n, i
+
+
+def rows_of_shard(rows: list[tuple[int, dict]], num_shards, shard) -> list[tuple[int, dict]]:
+    """The (line number, row) pairs shard `shard` of `num_shards` owns, in their original order."""
+    n, i = check_shard(num_shards, shard)
+    if n == 1:
+        return list(rows)
+    return [r for r in rows if shard_of(str(r[1]["id"]), n) == i]
+
+
+def failure_file(folder: str | Path, num_shards, shard) -> Path:
+    """failures.jsonl for an unsharded run; failures.shard-<i>-of-<N>.jsonl for shard i of N."""
+    n, i = check_shard(num_shards, shard)
+    return Path(folder) / (FAILURES if n == 1 else f"failures.shard-{i}-of-{n}.jsonl")
+
+
+def failure_files(folder: str | Path) -> list[Path]:
+    """Every failure list in a run folder (unsharded and each shard's), in a stable order."""
+    folder = Path(folder)
+    return sorted(p for p in [folder / FAILURES, *folder.glob("failures.shard-*-of-*.jsonl")] if p.is_file())
+
+
+def shard_device(device: str, shard: int, num_gpus: int) -> str:
+    """model.device for shard `shard` with data.device_per_shard=true on one machine: `auto`
+    becomes cuda:(shard mod num_gpus), so N shards launched side by side spread over the visible
+    GPUs (with one visible GPU, as under SLURM's per-job allocation, cuda:0). An explicit device,
+    or a machine without GPUs, keeps `device`."""
+    if device != "auto" or num_gpus < 1:
+        return device
+    return f"cuda:{int(shard) % num_gpus}"
