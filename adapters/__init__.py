@@ -19,10 +19,12 @@ from dataio import InputError
 FAMILIES = {
     "llava_original": "llava.original:OriginalLlavaAdapter",
     "llava_hf": "llava.hf:HFLlavaAdapter",
+    "internvl": "adapters.internvl:InternVLAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
     "llava": "llava_hf",
+    "internvl": "internvl",
 }
 
 
