@@ -20,11 +20,13 @@ FAMILIES = {
     "llava_original": "llava.original:OriginalLlavaAdapter",
     "llava_hf": "llava.hf:HFLlavaAdapter",
     "internvl": "adapters.internvl:InternVLAdapter",
+    "gemma3": "adapters.gemma3:Gemma3Adapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
     "llava": "llava_hf",
     "internvl": "internvl",
+    "gemma3": "gemma3",
 }
 
 
