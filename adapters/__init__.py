@@ -21,12 +21,14 @@ FAMILIES = {
     "llava_hf": "llava.hf:HFLlavaAdapter",
     "internvl": "adapters.internvl:InternVLAdapter",
     "gemma3": "adapters.gemma3:Gemma3Adapter",
+    "paligemma": "adapters.paligemma:PaliGemmaAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
     "llava": "llava_hf",
     "internvl": "internvl",
     "gemma3": "gemma3",
+    "paligemma": "paligemma",
 }
 
 
