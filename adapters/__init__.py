@@ -22,6 +22,7 @@ FAMILIES = {
     "internvl": "adapters.internvl:InternVLAdapter",
     "gemma3": "adapters.gemma3:Gemma3Adapter",
     "paligemma": "adapters.paligemma:PaliGemmaAdapter",
+    "idefics3": "adapters.idefics3:Idefics3Adapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -29,6 +30,7 @@ MODEL_TYPES = {
     "internvl": "internvl",
     "gemma3": "gemma3",
     "paligemma": "paligemma",
+    "idefics3": "idefics3",
 }
 
 
