@@ -96,7 +96,8 @@ def softcapped_attention(module, query, key, value, attention_mask, scaling: flo
 
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None and q_len > 1:      # SDPA's causal fast path: the mask was left out
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = causal[None, None]
     if attention_mask is not None and attention_mask.dtype == torch.bool:    # eager adds its mask
         attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~attention_mask, torch.finfo(query.dtype).min)

@@ -71,8 +71,9 @@ class Gemma3Adapter(Adapter):
         self.num_layers = config.text_config.num_hidden_layers
         self.num_heads = config.text_config.num_attention_heads
         self.side = self.model.model.multi_modal_projector.tokens_per_side       # the pooled map's side
-        if self.side * self.side != config.mm_tokens_per_image or self.processor.image_seq_length != config.mm_tokens_per_image:
-            raise RuntimeError(f"{self.model_name}: mm_tokens_per_image {config.mm_tokens_per_image}, processor "
+        tokens = config.mm_tokens_per_image
+        if self.side * self.side != tokens or self.processor.image_seq_length != tokens:
+            raise RuntimeError(f"{self.model_name}: mm_tokens_per_image {tokens}, processor "
                                f"image_seq_length {self.processor.image_seq_length}, pooled side {self.side} disagree")
         # Image settings of every call: model.image_kwargs (null = unset) over the processor's class
         # defaults, which override the saved preprocessor config (pan-and-scan is off unless asked for).

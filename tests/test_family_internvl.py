@@ -42,9 +42,9 @@ def write_checkpoint(out: Path, *, max_patches: int = 6) -> Path:
     text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                            image_seq_length=SEQ, downsample_ratio=0.5, vision_feature_layer=-1,
-                            vision_feature_select_strategy="default")
+    config = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=SEQ,
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
+                            vision_feature_layer=-1, vision_feature_select_strategy="default")
     InternVLForConditionalGeneration(config).save_pretrained(out)
     tok.save_pretrained(out)
     GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=False, min_patches=1,
@@ -131,8 +131,9 @@ def test_every_cell_covers_the_pixels_its_token_is_made_of(checkpoint, size, til
     assert zero_attention_outputs(model.model.vision_tower, "attention.projection_layer") == 2
 
     def image_features(pixel_values):
-        return model.model.get_image_features(pixel_values, vision_feature_layer=config.vision_feature_layer,
-                                              vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
+        out = model.model.get_image_features(pixel_values, vision_feature_layer=config.vision_feature_layer,
+                                             vision_feature_select_strategy=config.vision_feature_select_strategy)
+        return out.pooler_output                                                # [views, 16, D]
 
     image_processor = adapter.processor.image_processor
     traced = traced_cell_boxes(image_features, prepared.inputs["pixel_values"], image_processor.image_mean,
