@@ -23,6 +23,7 @@ FAMILIES = {
     "gemma3": "adapters.gemma3:Gemma3Adapter",
     "paligemma": "adapters.paligemma:PaliGemmaAdapter",
     "idefics3": "adapters.idefics3:Idefics3Adapter",
+    "smolvlm": "adapters.idefics3:SmolVLMAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -31,6 +32,7 @@ MODEL_TYPES = {
     "gemma3": "gemma3",
     "paligemma": "paligemma",
     "idefics3": "idefics3",
+    "smolvlm": "smolvlm",
 }
 
 

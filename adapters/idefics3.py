@@ -1,5 +1,6 @@
-"""Adapter for Idefics3 (`Idefics3ForConditionalGeneration` + `Idefics3Processor`, model_type "idefics3"):
-HuggingFaceM4/Idefics3-8B-Llama3.
+"""Adapters for Idefics3 (`Idefics3ForConditionalGeneration` + `Idefics3Processor`, model_type "idefics3":
+HuggingFaceM4/Idefics3-8B-Llama3, HuggingFaceTB/SmolVLM-Instruct) and SmolVLM 2
+(`SmolVLMForConditionalGeneration` + `SmolVLMProcessor`, model_type "smolvlm": HuggingFaceTB/SmolVLM2-*).
 
 Layout (tiles, then a global view): the image processor scales the image's longest edge to
 size["longest_edge"], then stretches it to multiples of the tile T (max_image_size["longest_edge"]) and cuts
@@ -12,12 +13,17 @@ is a (T/p/scale_factor)² raster of <image> tokens (pixel shuffle); the <fake_to
 
 Query token: the chat template's user turn is "User:<image>{expression}<end_of_utterance>"; by default the
 prompt ends with the expression's last token (model.query_at=generation_prompt: with "\\nAssistant:").
+
+SmolVLMProcessor also holds a video processor, which needs torchvision; images never touch it, so the
+SmolVLM adapter always loads `ImageOnlySmolVLMProcessor` (the same class without the video part).
 """
 from __future__ import annotations
 
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
+from transformers.processing_utils import ProcessorMixin
 
 from adapters.base import Adapter, Prepared, chat_prompt, token_positions
 from adapters.internvl import tiles_layout
@@ -74,3 +80,22 @@ class Idefics3Adapter(Adapter):
         inputs = {k: v.to(self.device) for k, v in batch.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return Prepared(inputs, image_positions, layouts, prompts)
+
+
+class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
+    """SmolVLMProcessor without its video processor (see adapters.internvl.ImageOnlyInternVLProcessor)."""
+
+    def __init__(self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None, **kwargs):
+        # ProcessorMixin pairs the parent's (image_processor, tokenizer, video_processor=None) with this
+        # signature's two sub-processors: the missing video processor is never set.
+        super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len,
+                         chat_template=chat_template, **kwargs)
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        # SmolVLM's own only adds the video processor's frame settings; an image chat needs none.
+        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    def load_processor(self):
+        return ImageOnlySmolVLMProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir)
