@@ -39,7 +39,10 @@ class PaliGemmaAdapter(Adapter):
         ).to(device).eval()
         config = self.model.config
         self.image_token_id = config.image_token_id
-        self.newline_id = self.tokenizer.convert_tokens_to_ids("\n")
+        separator = self.tokenizer.encode("\n", add_special_tokens=False)
+        if len(separator) != 1:
+            raise RuntimeError(f"{self.model_name}: the tokenizer splits PaliGemma's \\n separator into {separator}")
+        self.newline_id = separator[0]
         self.generate_kwargs = {"suppress_tokens": [self.image_token_id]}
         self.num_layers = config.text_config.num_hidden_layers
         self.num_heads = config.text_config.num_attention_heads
