@@ -16,9 +16,9 @@ WORDS = ["the", "a", "red", "blue", "circle", "square", "cat", "on", "left", "."
 
 def word_tokenizer(specials: list[str], *, pad: str, eos: str, bos: str | None = None, named: dict | None = None,
                    chat_template: str | None = None) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: ids 0.. = [pad, bos, eos, <unk>] + specials + WORDS. Specials are added
-    tokens, so "<a><a><a>" splits into single tokens; `named` gives the attributes a processor reads
-    (e.g. {"image_token": "<image_soft_token>"})."""
+    """Word-level tokenizer: ids 0.. = [pad, bos, eos, <unk>] + WORDS, then `named` and `specials` as added
+    special tokens, so "<a><a><a>" splits into single tokens; `named` also sets the attributes a processor
+    reads (e.g. {"image_token": "<image_soft_token>"})."""
     base = [t for t in (pad, bos, eos, "<unk>") if t is not None]
     vocab = base + [w for w in WORDS if w not in base]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
