@@ -5,6 +5,8 @@ keep one row. Instead we register an attention function with transformers that r
 kernel for the layer output and, beside it, computes softmax(q_last · Kᵀ · scaling + mask_last) in
 float32 for the one row we need: [B, H, N] per layer. The row is the same softmax eager computes
 (over ALL keys, never renormalised), so it matches eager to float rounding (tests/test_capture.py).
+Layers with attention-logit soft-capping (Gemma 2 text: PaliGemma 2), which SDPA cannot run, compute
+their output with Gemma 2's eager formula instead, and the row applies the same soft-capping.
 
 The buffer travels with the call (`model(..., attention_capture=buf)` → kwargs → every attention
 layer), so there is no process-global state: two models or threads never share a buffer.
@@ -49,16 +51,19 @@ class AttentionCapture:
         return torch.stack([got[i] for i in range(num_layers)])
 
 
-def last_row_attention(query, key, attention_mask, scaling: float) -> torch.Tensor:
+def last_row_attention(query, key, attention_mask, scaling: float, softcap: float | None = None) -> torch.Tensor:
     """softmax over all keys of the last query position, float32: [B, H, N].
 
     query [B, H, Q, D], key [B, Hkv, N, D] (grouped-query keys are shared by H/Hkv heads),
-    attention_mask: None, bool [B, 1, Q, N] (True = attend) or additive float [B, 1, Q, N].
+    attention_mask: None, bool [B, 1, Q, N] (True = attend) or additive float [B, 1, Q, N];
+    softcap: Gemma 2's logit soft-capping, tanh(s / c) · c before the mask, as its eager attention does.
     """
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     q = query[:, :, -1, :].float().view(batch, kv_heads, heads // kv_heads, dim)   # [B, Hkv, G, D]
     scores = torch.einsum("bkgd,bknd->bkgn", q, key.float()).reshape(batch, heads, -1) * scaling  # [B, H, N]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         mask = attention_mask[:, :, -1, :]                                             # [B, 1, N]
         if mask.dtype == torch.bool:
@@ -72,12 +77,33 @@ def last_row_attention(query, key, attention_mask, scaling: float) -> torch.Tens
 def capturing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Drop-in for transformers' sdpa attention that also records the last query row."""
     capture: AttentionCapture | None = kwargs.get("attention_capture")
-    output = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                    scaling=scaling, dropout=dropout, **kwargs)
+    softcap = kwargs.pop("softcap", None)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if softcap is None:
+        output = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                        scaling=scaling, dropout=dropout, **kwargs)
+    else:
+        output = softcapped_attention(module, query, key, value, attention_mask, scale, softcap, dropout)
     if capture is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        capture.record(module.layer_idx, last_row_attention(query, key, attention_mask, scale))
+        capture.record(module.layer_idx, last_row_attention(query, key, attention_mask, scale, softcap))
     return output
+
+
+def softcapped_attention(module, query, key, value, attention_mask, scaling: float, softcap: float, dropout: float):
+    """A layer with logit soft-capping (Gemma 2 text, e.g. PaliGemma 2), which SDPA cannot run: its output
+    comes from Gemma 2's own eager attention (its [B, H, Q, N] weights are freed with the layer)."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and q_len > 1:      # SDPA's causal fast path: the mask was left out
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = causal[None, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:    # eager adds its mask
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    output, _ = eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                        scaling=scaling, softcap=softcap)
+    return output, None
 
 
 def register_capture() -> str:

@@ -21,12 +21,22 @@ FAMILIES = {
     "llava_hf": "llava.hf:HFLlavaAdapter",
     "llava_next": "adapters.llava_next:LlavaNextAdapter",
     "llava_onevision": "adapters.llava_next:LlavaOnevisionAdapter",
+    "internvl": "adapters.internvl:InternVLAdapter",
+    "gemma3": "adapters.gemma3:Gemma3Adapter",
+    "paligemma": "adapters.paligemma:PaliGemmaAdapter",
+    "idefics3": "adapters.idefics3:Idefics3Adapter",
+    "smolvlm": "adapters.idefics3:SmolVLMAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
     "llava": "llava_hf",
     "llava_next": "llava_next",
     "llava_onevision": "llava_onevision",
+    "internvl": "internvl",
+    "gemma3": "gemma3",
+    "paligemma": "paligemma",
+    "idefics3": "idefics3",
+    "smolvlm": "smolvlm",
 }
 
 

@@ -61,13 +61,16 @@ def assert_capture_equals_eager(fast, eager, images: list[Image.Image], queries:
         torch.testing.assert_close(batched[i]["attn"], alone["attn"], atol=TOL, rtol=0)
 
 
-def assert_cli_runs(checkpoint: Path, tmp_path: Path, images: dict[str, Path]) -> None:
+def assert_cli_runs(checkpoint: Path, tmp_path: Path, images: dict[str, Path], overrides: tuple[str, ...] = (),
+                    fixed_token_count: bool = False) -> None:
     """stage=pipeline writes the attention file with its layout, an analysis, a figure, a mask and a
-    box inside the image; stage=batch runs images of different sizes in one batch."""
+    box inside the image; stage=batch runs images of different sizes in one batch. `overrides`: extra
+    command-line overrides (e.g. a family's image settings); `fixed_token_count`: the family gives every
+    image the same number of tokens (PaliGemma), so the batch cannot mix counts."""
     import pipeline
 
     common = ["model=toy", f"model.name={checkpoint}", "model.conv_mode=auto", f"data.output_dir={tmp_path}",
-              "data.num_workers=0", "logic=paper"]
+              "data.num_workers=0", "logic=paper", *overrides]
     first = next(iter(images.values()))
     pipeline.run(pipeline.compose("stage=pipeline", *common, f"data.image_file={first}", "data.query=the red circle ."))
     folder = tmp_path / checkpoint.name
@@ -89,4 +92,4 @@ def assert_cli_runs(checkpoint: Path, tmp_path: Path, images: dict[str, Path]) -
                                            f"data.batch_size={len(images)}"))
     assert result["written"] == len(images) and result["failed"] == 0, result
     sizes = {load_attention(folder / f"{name}.pkl")["attn"].shape[-1] for name in images}
-    assert len(sizes) > 1, "images of different sizes should give different token counts in this family"
+    assert len(sizes) == 1 if fixed_token_count else len(sizes) > 1, f"token counts {sizes} of images of different sizes"
