@@ -19,10 +19,14 @@ from dataio import InputError
 FAMILIES = {
     "llava_original": "llava.original:OriginalLlavaAdapter",
     "llava_hf": "llava.hf:HFLlavaAdapter",
+    "qwen_vl": "adapters.qwen_vl:QwenVLAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
     "llava": "llava_hf",
+    "qwen2_vl": "qwen_vl",
+    "qwen2_5_vl": "qwen_vl",
+    "qwen3_vl": "qwen_vl",
 }
 
 
