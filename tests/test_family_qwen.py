@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText
 
 from adapters import load_adapter
 from adapters.base import position_ids_from_mask
@@ -105,6 +106,32 @@ def test_every_cell_covers_the_pixels_the_processor_fed_into_its_token(pair):
     np.testing.assert_allclose(fed, cell_boxes(cell_map), atol=1.0)
 
 
+def test_the_vision_tower_keeps_the_order_of_the_pixel_values(checkpoint, pair):
+    """Image token k of the language model comes from the k-th group of merge² patch rows (the ones
+    decoded above), also where Qwen2.5-VL's tower reorders patches into windows: with the tower's
+    attention outputs zeroed every feature is local, and perturbing one group changes one token."""
+    fast, _ = pair
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    for block in model.model.visual.blocks:
+        torch.nn.init.zeros_(block.attn.proj.weight)
+        torch.nn.init.zeros_(block.attn.proj.bias)
+    prepared = fast.prepare([coord_image(*WIDE)], QUERIES[:1])
+    pixels, grid_thw = prepared.inputs["pixel_values"], prepared.inputs["image_grid_thw"]   # [V·m², D], [1, 3]
+    group = fast.merge ** 2
+    num_tokens = prepared.layouts[0].num_tokens
+    tokens = list(range(0, num_tokens, 4)) + [num_tokens - 1]
+    copies = [pixels]                        # the image, then one copy per perturbed token, as one batch
+    for k in tokens:
+        copy = pixels.clone()
+        copy[k * group:(k + 1) * group] += 1.0
+        copies.append(copy)
+    with torch.inference_mode():
+        features = model.model.get_image_features(torch.cat(copies), grid_thw.repeat(len(copies), 1)).pooler_output
+    for k, perturbed in zip(tokens, features[1:]):                              # each [V, D]
+        changed = (perturbed - features[0]).abs().amax(-1) > 1e-6
+        assert changed.nonzero()[:, 0].tolist() == [k]
+
+
 def test_generate_mode_captures_the_first_generated_token(pair):
     """The record's row equals eager attention of the model's own first decoding step (KV cache,
     its own M-RoPE positions) — which needs mm_token_type_ids extended by the appended token."""
@@ -143,3 +170,13 @@ def test_image_only_processor_matches_the_stock_processor(checkpoint):
     b = mine(images=images(), text=text, return_tensors="pt", padding=True)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["image_grid_thw"], b["image_grid_thw"])
     torch.testing.assert_close(a["pixel_values"], b["pixel_values"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2vl_7b", "qwen25vl_7b", "qwen3vl_8b"])
+def test_real_checkpoint_configs_have_every_model_key_and_the_chat_template(name):
+    import pipeline
+
+    reference = pipeline.compose("stage=collect", "model=llava15_7b_hf").model
+    model = pipeline.compose("stage=collect", f"model={name}").model
+    assert set(model) == set(reference)
+    assert model.name.startswith("Qwen/") and model.conv_mode == "auto" and model.query_at == "expression"
