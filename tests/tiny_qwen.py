@@ -3,9 +3,8 @@ tokenizer with the family's chat template, the family's real processor class), s
 benchmark load them through the same from_pretrained path users run.
 
 The processor is built without its video processor (that class needs torchvision, which this project's
-CPU torch cannot import); the video processor's settings are written into processor_config.json by
-hand, as the stock processor would save them, so the stock AutoProcessor loads the checkpoint where
-torchvision exists. adapters/qwen_vl.py decides which of the two loads it.
+CPU torch cannot import); save_processor writes the video processor's settings by hand, as the stock
+processor would save them. adapters/qwen_vl.py decides which of the two loads the checkpoint.
 """
 from __future__ import annotations
 
@@ -95,14 +94,27 @@ def config(model_type: str, tok: PreTrainedTokenizerFast, *, text: dict | None =
     return Config(text_config=text_cfg, vision_config=vision_cfg, **ids)
 
 
-def processor(model_type: str, tok: PreTrainedTokenizerFast, *, max_tokens: int = 256):
-    """The family's processor class (image part only) with the PIL image processor; smart_resize keeps
-    images between 4 and `max_tokens` merged tokens."""
+def processor(model_type: str, tok: PreTrainedTokenizerFast, *, size: dict | None = None):
+    """The family's processor class (image part only) with the PIL image processor. `size` is
+    smart_resize's pixel range {"shortest_edge": min, "longest_edge": max}; by default 4 to 256 merged
+    tokens, small enough for tests."""
     factor = patch_size(model_type) * 2
-    images = Qwen2VLImageProcessorPil(patch_size=patch_size(model_type), merge_size=2, temporal_patch_size=2,
-                                      min_pixels=4 * factor**2, max_pixels=max_tokens * factor**2)
+    size = size or {"shortest_edge": 4 * factor**2, "longest_edge": 256 * factor**2}
+    images = Qwen2VLImageProcessorPil(patch_size=patch_size(model_type), merge_size=2, temporal_patch_size=2, size=size)
     template = QWEN3_TEMPLATE if model_type == "qwen3_vl" else QWEN2_TEMPLATE
     return image_only_processor_class(model_type)(image_processor=images, tokenizer=tok, chat_template=template)
+
+
+def save_processor(out: Path, model_type: str, tok: PreTrainedTokenizerFast, *, size: dict | None = None) -> None:
+    """processor(...) saved as the stock processor would be: its video processor's settings included
+    (same patches as the images), so the stock AutoProcessor loads it where torchvision exists."""
+    processor(model_type, tok, size=size).save_pretrained(out)
+    path = out / "processor_config.json"
+    saved = json.loads(path.read_text())
+    kind = "Qwen3VLVideoProcessor" if model_type == "qwen3_vl" else "Qwen2VLVideoProcessor"
+    saved["video_processor"] = {"video_processor_type": kind, "patch_size": patch_size(model_type), "merge_size": 2,
+                                "temporal_patch_size": 2}
+    path.write_text(json.dumps(saved, indent=2))
 
 
 def model_class(model_type: str):
@@ -118,16 +130,5 @@ def write_checkpoint(out: Path, model_type: str, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tok = tokenizer()
     model_class(model_type)(config(model_type, tok)).save_pretrained(out)
-    processor(model_type, tok).save_pretrained(out)
-    add_video_processor(out, model_type)
+    save_processor(out, model_type, tok)
     return out
-
-
-def add_video_processor(out: Path, model_type: str) -> None:
-    """The stock processor's video entry in processor_config.json (same patches as the images)."""
-    path = out / "processor_config.json"
-    saved = json.loads(path.read_text())
-    kind = "Qwen3VLVideoProcessor" if model_type == "qwen3_vl" else "Qwen2VLVideoProcessor"
-    saved["video_processor"] = {"video_processor_type": kind, "patch_size": patch_size(model_type), "merge_size": 2,
-                                "temporal_patch_size": 2}
-    path.write_text(json.dumps(saved, indent=2))
