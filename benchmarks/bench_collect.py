@@ -28,11 +28,11 @@ Profiles:   cpu      scaled-down LLaVA-1.5 (text 512 wide, 8 layers, 8 heads; sm
             qwen25vl7b_cpu  Qwen2.5-VL-7B shape (Qwen2.5 text, 32-block windowed ViT) with a 1,000 × 750
                      image (smart_resize → 27 × 36 = 972 image tokens), N = 1,000, bfloat16, memory
                      only like llava7b_cpu (vocabulary cut to ~1k: 14.4 GB of weights; needs ≥ 18 GB free RAM)
+            qwen25vl_scaled_cpu  the same layers, heads, image and N with every width / 4 (~1 GB)
             --quick  tiny shapes, a smoke test (about a minute); its numbers are not written anywhere
 
-Usage: python benchmarks/bench_collect.py [--profile cpu|llava7b|llava7b_cpu|qwen25vl7b_cpu] [--quick] [--no-write]
-       [--threads T]
-The cpu, llava7b, llava7b_cpu and qwen25vl7b_cpu runs append a dated section to benchmarks/RESULTS.md.
+Usage: python benchmarks/bench_collect.py [--profile NAME] [--quick] [--no-write] [--threads T]
+The cpu, llava7b, llava7b_cpu and qwen25vl* runs append a dated section to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -100,6 +100,16 @@ def _vision(hidden, layers, heads, inter, image, patch, projection):
                 image_size=image, patch_size=patch, projection_dim=projection)
 
 
+QWEN25VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+QWEN25VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                          patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                          fullatt_block_indexes=[7, 15, 23, 31])
+# One memory measurement of a Qwen2.5-VL model with a 1,000 × 750 image at N = 1,000.
+QWEN_MEMORY_RUN = dict(seq_lens=(1000,), warmup=0, repeats=0, batch_rows=0, batch_repeats=0, batch_speedup_target=0.0,
+                       analysis_samples=0, family="qwen2_5_vl", image=(1000, 750))
+
 PROFILES = {
     # Every width of LLaVA-1.5-7B's text model divided by 8 (vocab too, so the LM head keeps its
     # ~2 % share of the FLOPs); a 4-layer, 256-wide CLIP tower at the real 336 px / patch 14.
@@ -119,16 +129,17 @@ PROFILES = {
     # vocabulary is the benchmark tokenizer's (~1k words), not 152,064: that saves 2.2 GB of embedding
     # and LM-head weights (14.4 GB instead of 16.6 GB), and no activation depends on it except the one
     # logits row (logits_to_keep=1). N = 1,000: 972 image tokens, the chat template, a padded expression.
-    "qwen25vl7b_cpu": Profile(
-        "qwen25vl7b_cpu",
-        dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-             num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
-             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
-        dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
-             spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-        "cpu", "bfloat16", seq_lens=(1000,), warmup=0, repeats=0, batch_rows=0, batch_repeats=0,
-        batch_speedup_target=0.0, analysis_samples=0, memory_only=True, parallel_probes=1, family="qwen2_5_vl",
-        image=(1000, 750)),
+    "qwen25vl7b_cpu": Profile("qwen25vl7b_cpu", QWEN25VL_7B_TEXT, QWEN25VL_7B_VISION, "cpu", "bfloat16",
+                              memory_only=True, parallel_probes=1, **QWEN_MEMORY_RUN),
+    # The same layers, heads, image and N with every width / 4 (text head_dim 32, vision head_dim 80 as
+    # in 7B): eager's [L, H, N, N] maps keep their real size, the weights shrink to ~1 GB. For machines
+    # without ~18 GB of free memory.
+    "qwen25vl_scaled_cpu": Profile(
+        "qwen25vl_scaled_cpu",
+        QWEN25VL_7B_TEXT | dict(hidden_size=896, intermediate_size=4736, rope_parameters={
+            "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}),
+        QWEN25VL_7B_VISION | dict(hidden_size=320, intermediate_size=855, num_heads=4, out_hidden_size=896),
+        "cpu", "bfloat16", memory_only=True, **QWEN_MEMORY_RUN),
     # Smoke test: 112 px / patch 14 → 8×8 = 64 image tokens.
     "quick": Profile("quick", _text(64, 4, 4, 172, 512), _vision(32, 2, 4, 64, 112, 14, 32), "cpu", "float32",
                      seq_lens=(96, 384), warmup=1, repeats=3, batch_rows=8, batch_repeats=1,
@@ -656,7 +667,7 @@ def log(message: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", choices=("cpu", "llava7b", "llava7b_cpu", "qwen25vl7b_cpu"), default="cpu")
+    parser.add_argument("--profile", choices=sorted(set(PROFILES) - {"quick"}), default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, smoke test; writes nothing")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
