@@ -13,7 +13,8 @@ Prompt: the checkpoint's chat template, image then expression in the user turn (
 Processor: where torchvision imports, the stock AutoProcessor. Without it (the CPU torch wheel cannot
 load torchvision) the stock class cannot be built, because its video processor needs torchvision; the
 same class minus the video processor is used, with the PIL image processor (Qwen2VLImageProcessorPil).
-For images both give the same input_ids, image_grid_thw and pixel_values (tests/test_family_qwen.py).
+For images both compute the same smart_resize and patches (tests/test_family_qwen.py compares their
+input_ids, image_grid_thw and pixel_values where torchvision exists).
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def load_processor(name: str, model_type: str, cache_dir: str | None):
     """The stock processor where torchvision imports, else the image-only one on the PIL backend."""
     if torchvision_imports():
         return AutoProcessor.from_pretrained(name, cache_dir=cache_dir)
+    # backend="pil": transformers picks the torchvision image processor whenever the package is
+    # installed, even one that cannot import.
     return image_only_processor_class(model_type).from_pretrained(name, cache_dir=cache_dir, backend="pil")
 
 
@@ -69,7 +72,10 @@ class QwenVLAdapter(Adapter):
             raise InputError(f"model.conv_mode={self.conv_mode!r}: Qwen-VL prompts come from the checkpoint's chat "
                              "template; use model.conv_mode=auto (conf/model/qwen*.yaml set it)")
         self.query_at = str(cfg.get("query_at", "expression"))
-        model_type = raw_config["model_type"]
+        model_type = raw_config.get("model_type")
+        if model_type not in PROCESSOR_CLASSES:
+            raise InputError(f"{self.model_name}: model_type {model_type!r} is not one of the Qwen-VL types "
+                             f"{', '.join(PROCESSOR_CLASSES)}; use model.family=auto")
         self.processor = load_processor(self.model_name, model_type, self.cache_dir)
         self.processor.tokenizer.padding_side = "left"   # last real token at the end of every row
         self.tokenizer = self.processor.tokenizer

@@ -57,9 +57,11 @@ def test_the_checkpoint_loads_as_its_family_with_the_processor_this_machine_can_
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_a_llava_prompt_template_is_refused(checkpoint):
+def test_a_llava_prompt_template_or_checkpoint_is_refused(checkpoint, hf_checkpoint):
     with pytest.raises(InputError, match="conv_mode"):
         load_adapter(model_cfg(checkpoint, conv_mode="referseg"))
+    with pytest.raises(InputError, match="model_type 'llava'"):
+        load_adapter(model_cfg(hf_checkpoint, family="qwen_vl"))
 
 
 def test_capture_equals_eager_and_batched_rows_equal_rows_run_alone(pair):
