@@ -26,6 +26,7 @@ FAMILIES = {
     "paligemma": "adapters.paligemma:PaliGemmaAdapter",
     "idefics3": "adapters.idefics3:Idefics3Adapter",
     "smolvlm": "adapters.idefics3:SmolVLMAdapter",
+    "qwen_vl": "adapters.qwen_vl:QwenVLAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -37,6 +38,9 @@ MODEL_TYPES = {
     "paligemma": "paligemma",
     "idefics3": "idefics3",
     "smolvlm": "smolvlm",
+    "qwen2_vl": "qwen_vl",
+    "qwen2_5_vl": "qwen_vl",
+    "qwen3_vl": "qwen_vl",
 }
 
 

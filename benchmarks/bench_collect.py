@@ -25,10 +25,14 @@ Profiles:   cpu      scaled-down LLaVA-1.5 (text 512 wide, 8 layers, 8 heads; sm
                      writes a 14 GB checkpoint to the temp folder and holds three fp16 copies on the GPU
             llava7b_cpu  the same 7B shape in bfloat16 on a CPU with ≥ 24 GB RAM: extra peak memory only,
                      at N = 620, one probe process at a time (30 min on 2 shared cores)
+            qwen25vl7b_cpu  Qwen2.5-VL-7B shape (Qwen2.5 text, 32-block windowed ViT) with a 1,000 × 750
+                     image (smart_resize → 27 × 36 = 972 image tokens), N = 1,000, bfloat16, memory
+                     only like llava7b_cpu (vocabulary cut to ~1k: 14.4 GB of weights; needs ≥ 18 GB free RAM)
+            qwen25vl_scaled_cpu  the same layers, heads, image and N with every width / 4 (~1 GB)
             --quick  tiny shapes, a smoke test (about a minute); its numbers are not written anywhere
 
-Usage: python benchmarks/bench_collect.py [--profile cpu|llava7b|llava7b_cpu] [--quick] [--no-write] [--threads T]
-The cpu, llava7b and llava7b_cpu runs append a dated section to benchmarks/RESULTS.md.
+Usage: python benchmarks/bench_collect.py [--profile NAME] [--quick] [--no-write] [--threads T]
+The cpu, llava7b, llava7b_cpu and qwen25vl* runs append a dated section to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -68,8 +72,8 @@ IMAGE_TOKEN_ID = SPECIALS.index("<image>")
 @dataclass(frozen=True)
 class Profile:
     name: str
-    text: dict                  # LlamaConfig keyword arguments
-    vision: dict                # CLIPVisionConfig keyword arguments
+    text: dict                  # LlamaConfig keyword arguments (Qwen: the text_config's)
+    vision: dict                # CLIPVisionConfig keyword arguments (Qwen: the vision_config's)
     device: str                 # "cpu" | "cuda"
     dtype: str                  # model.dtype of the adapter config
     seq_lens: tuple             # total tokens N of the timed prompts (BOS + image tokens + text)
@@ -81,6 +85,8 @@ class Profile:
     analysis_samples: int       # distinct attention tensors timed per logic config
     memory_only: bool = False   # measure extra peak memory only (the 7B shape on a CPU)
     parallel_probes: int = 2    # CPU memory probes run side by side (each holds a model copy)
+    family: str = "llava"       # "llava", or the Qwen model_type built by tests/tiny_qwen.py
+    image: tuple = (640, 480)   # (W, H) of the timed image (LLaVA pads it to one square size anyway)
 
 
 def _text(hidden, layers, heads, inter, vocab):
@@ -93,6 +99,16 @@ def _vision(hidden, layers, heads, inter, image, patch, projection):
     return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter,
                 image_size=image, patch_size=patch, projection_dim=projection)
 
+
+QWEN25VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+QWEN25VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                          patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                          fullatt_block_indexes=[7, 15, 23, 31])
+# One memory measurement of a Qwen2.5-VL model with a 1,000 × 750 image at N = 1,000.
+QWEN_MEMORY_RUN = dict(seq_lens=(1000,), warmup=0, repeats=0, batch_rows=0, batch_repeats=0, batch_speedup_target=0.0,
+                       analysis_samples=0, family="qwen2_5_vl", image=(1000, 750))
 
 PROFILES = {
     # Every width of LLaVA-1.5-7B's text model divided by 8 (vocab too, so the LM head keeps its
@@ -109,6 +125,21 @@ PROFILES = {
     "llava7b_cpu": Profile("llava7b_cpu", _text(4096, 32, 32, 11008, 32064), _vision(1024, 24, 16, 4096, 336, 14, 768),
                            "cpu", "bfloat16", seq_lens=(620,), warmup=0, repeats=0, batch_rows=0, batch_repeats=0,
                            batch_speedup_target=0.0, analysis_samples=0, memory_only=True, parallel_probes=1),
+    # Qwen2.5-VL-7B (Qwen/Qwen2.5-VL-7B-Instruct's config.json), memory only like llava7b_cpu. The
+    # vocabulary is the benchmark tokenizer's (~1k words), not 152,064: that saves 2.2 GB of embedding
+    # and LM-head weights (14.4 GB instead of 16.6 GB), and no activation depends on it except the one
+    # logits row (logits_to_keep=1). N = 1,000: 972 image tokens, the chat template, a padded expression.
+    "qwen25vl7b_cpu": Profile("qwen25vl7b_cpu", QWEN25VL_7B_TEXT, QWEN25VL_7B_VISION, "cpu", "bfloat16",
+                              memory_only=True, parallel_probes=1, **QWEN_MEMORY_RUN),
+    # The same layers, heads, image and N with every width / 4 (text head_dim 32, vision head_dim 80 as
+    # in 7B): eager's [L, H, N, N] maps keep their real size, the weights shrink to ~1 GB. For machines
+    # without ~18 GB of free memory.
+    "qwen25vl_scaled_cpu": Profile(
+        "qwen25vl_scaled_cpu",
+        QWEN25VL_7B_TEXT | dict(hidden_size=896, intermediate_size=4736, rope_parameters={
+            "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}),
+        QWEN25VL_7B_VISION | dict(hidden_size=320, intermediate_size=855, num_heads=4, out_hidden_size=896),
+        "cpu", "bfloat16", memory_only=True, **QWEN_MEMORY_RUN),
     # Smoke test: 112 px / patch 14 → 8×8 = 64 image tokens.
     "quick": Profile("quick", _text(64, 4, 4, 172, 512), _vision(32, 2, 4, 64, 112, 14, 32), "cpu", "float32",
                      seq_lens=(96, 384), warmup=1, repeats=3, batch_rows=8, batch_repeats=1,
@@ -127,28 +158,44 @@ def build_processor(profile: Profile):
     return word_level_processor(words, profile.vision["image_size"], profile.vision["patch_size"])
 
 
+# Qwen's own smart_resize range (Qwen2.5-VL's preprocessor_config.json), not the tests' tiny one.
+QWEN_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}
+
+
 def build_checkpoint(profile: Profile, out: Path) -> Path:
-    """Random-weight LlavaForConditionalGeneration + processor saved to `out` (llava-hf layout)."""
+    """Random-weight model + processor saved to `out`: LlavaForConditionalGeneration (llava-hf layout),
+    or the Qwen family's model with tests/tiny_qwen.py's tokenizer, chat template and processor."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    grid = profile.vision["image_size"] // profile.vision["patch_size"]
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**profile.vision), text_config=LlamaConfig(**profile.text),
-                         image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                         image_seq_length=grid * grid)
+    if profile.family == "llava":
+        grid = profile.vision["image_size"] // profile.vision["patch_size"]
+        config = LlavaConfig(vision_config=CLIPVisionConfig(**profile.vision), text_config=LlamaConfig(**profile.text),
+                             image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                             image_seq_length=grid * grid)
+        model_class = LlavaForConditionalGeneration
+    else:
+        from tests import tiny_qwen
+
+        tokenizer = tiny_qwen.tokenizer(tiny_qwen.WORDS + [f"w{i}" for i in range(1000)])
+        config = tiny_qwen.config(profile.family, tokenizer, text=profile.text, vision=profile.vision)
+        model_class = tiny_qwen.model_class(profile.family)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[profile.dtype]
     init_device = "cuda" if profile.device == "cuda" else "cpu"   # 7B random init is minutes on CPU
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(init_device):
-            model = LlavaForConditionalGeneration(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(previous)
     model.save_pretrained(out, max_shard_size="2GB")   # small shards: saving buffers one shard in memory
     del model
-    build_processor(profile).save_pretrained(out)
+    if profile.family == "llava":
+        build_processor(profile).save_pretrained(out)
+    else:
+        tiny_qwen.save_processor(out, profile.family, tokenizer, size=QWEN_SIZE)
     return out
 
 
@@ -158,7 +205,7 @@ def load_adapters(profile: Profile, ckpt: Path, modes=MODES) -> dict:
     from adapters import load_adapter
 
     cfg = OmegaConf.create({"name": str(ckpt), "device": profile.device, "dtype": profile.dtype,
-                            "conv_mode": "plain", "cache_dir": None})
+                            "conv_mode": "plain" if profile.family == "llava" else "auto", "cache_dir": None})
     adapters = {}
     for mode in modes:
         adapter = load_adapter(cfg, "eager" if mode == "eager" else "sdpa")
@@ -194,9 +241,9 @@ def query_of_length(adapter, image: Image.Image, n_tokens: int) -> str:
     return " ".join(f"w{(7 * i) % 900}" for i in range(n_words))
 
 
-def prepare_n(adapter, n_tokens: int):
-    """Prepared batch of one sample with N = n_tokens: inputs [1, N], pixel_values [1, 3, S, S]."""
-    image = make_image(0)
+def prepare_n(adapter, n_tokens: int, image_size=(640, 480)):
+    """Prepared batch of one sample with N = n_tokens: inputs [1, N] and the image's pixel_values."""
+    image = make_image(0, image_size)
     prepared = adapter.prepare([image], [query_of_length(adapter, image, n_tokens)])
     got = prepared.inputs["input_ids"].shape[1]
     assert got == n_tokens, f"prompt has {got} tokens, wanted {n_tokens}"
@@ -271,7 +318,7 @@ def probe_memory(spec: dict) -> dict:
     warm-up leaves no cached pages for the measured call to hide its peak in."""
     profile = PROFILES[spec["profile"]]
     adapter = load_adapters(profile, Path(spec["ckpt"]), modes=(spec["mode"],))[spec["mode"]]
-    call = mode_call(spec["mode"], adapter, prepare_n(adapter, spec["n"]))
+    call = mode_call(spec["mode"], adapter, prepare_n(adapter, spec["n"], profile.image))
     call()
     return {"peak_mb": cpu_peak_growth_mb(call)}
 
@@ -527,18 +574,33 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def results_section(profile: Profile, info: dict, m: dict, table: str, missed: list[str], seconds: float) -> str:
+def describe_shape(profile: Profile) -> str:
     t, v = profile.text, profile.vision
+    if profile.family == "llava":
+        return (f"text {t['hidden_size']} wide, {t['num_hidden_layers']} layers × {t['num_attention_heads']} heads, "
+                f"MLP {t['intermediate_size']}, vocab {t['vocab_size']}; vision {v['hidden_size']} wide, "
+                f"{v['num_hidden_layers']} layers × {v['num_attention_heads']} heads, {v['image_size']} px / patch "
+                f"{v['patch_size']} → {(v['image_size'] // v['patch_size'])**2} image tokens; {profile.dtype} on "
+                f"{profile.device}")
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    width, height = profile.image
+    factor = v["patch_size"] * v["spatial_merge_size"]
+    resized_h, resized_w = smart_resize(height, width, factor, QWEN_SIZE["shortest_edge"], QWEN_SIZE["longest_edge"])
+    return (f"{profile.family} text {t['hidden_size']} wide, {t['num_hidden_layers']} layers × "
+            f"{t['num_attention_heads']} heads ({t['num_key_value_heads']} KV), MLP {t['intermediate_size']}, vocab "
+            f"{t.get('vocab_size', 'of the benchmark tokenizer (~1k)')}; vision {v['hidden_size']} wide, {v['depth']} blocks × {v['num_heads']} heads; a "
+            f"{width} × {height} image → {resized_w} × {resized_h} px → {resized_h // factor} × {resized_w // factor} = "
+            f"{(resized_h // factor) * (resized_w // factor)} image tokens; {profile.dtype} on {profile.device}")
+
+
+def results_section(profile: Profile, info: dict, m: dict, table: str, missed: list[str], seconds: float) -> str:
     gpu_note = (f"GPU: {info['gpu']}." if info["gpu"] != "none" else
                 "GPU: none in this session (the llava7b profile is for machines with a CUDA GPU).")
     memory = ("torch.cuda.max_memory_allocated − baseline, one call" if profile.device == "cuda" else
               "growth of peak RSS (VmHWM reset via /proc/self/clear_refs) over one call after a warm-up call, "
               "in a fresh subprocess per mode and N with MALLOC_MMAP_THRESHOLD_=65536")
-    shape = (f"text {t['hidden_size']} wide, {t['num_hidden_layers']} layers × {t['num_attention_heads']} heads, "
-             f"MLP {t['intermediate_size']}, vocab {t['vocab_size']}; vision {v['hidden_size']} wide, "
-             f"{v['num_hidden_layers']} layers × {v['num_attention_heads']} heads, {v['image_size']} px / patch "
-             f"{v['patch_size']} → {(v['image_size'] // v['patch_size'])**2} image tokens; {profile.dtype} on "
-             f"{profile.device}")
+    shape = describe_shape(profile)
     timing = ("Memory only (no timings, no batch stage). " if profile.memory_only else
               f"Timings: median of {profile.repeats} after {profile.warmup} warm-up, modes in rotating order; batch "
               f"stage: median of {profile.batch_repeats} runs over {profile.batch_rows} rows after a warm-up run "
@@ -577,7 +639,7 @@ def run_benchmark(profile: Profile) -> tuple[dict, float]:
         if profile.device == "cuda":
             m["flops"] = {"peak": matmul_rate()}
         for n in profile.seq_lens:
-            prepared = prepare_n(adapters["capture"], n)
+            prepared = prepare_n(adapters["capture"], n, profile.image)
             calls = {mode: mode_call(mode, adapters[mode], prepared) for mode in MODES}
             m["diff"][n] = (calls["capture"]() - calls["eager"]()).abs().max().item()
             m["time"][n] = time_modes(calls, profile.device, profile.warmup, profile.repeats)
@@ -605,7 +667,7 @@ def log(message: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", choices=("cpu", "llava7b", "llava7b_cpu"), default="cpu")
+    parser.add_argument("--profile", choices=sorted(set(PROFILES) - {"quick"}), default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, smoke test; writes nothing")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")

@@ -1,0 +1,113 @@
+"""Adapter for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (model_type qwen2_vl / qwen2_5_vl / qwen3_vl;
+Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration).
+
+Tokens: the processor expands the template's <|image_pad|> into ONE run of rows·cols tokens, where
+image_grid_thw = (1, patch_rows, patch_cols) and rows, cols = patch_rows / merge, patch_cols / merge
+(merge 2: each token is a 2×2 block of patches), in raster order.
+Geometry: smart_resize stretches the whole image to multiples of patch·merge (28 px; Qwen3-VL 32 px),
+each axis rounded on its own, so the one map covers [0, 0, W, H] with separate x and y scales.
+Positions: M-RoPE. The model builds 3-D positions from mm_token_type_ids, image_grid_thw and the
+attention mask (left padding included); 1-D position_ids would override them, so none are passed.
+Prompt: the checkpoint's chat template, image then expression in the user turn (chat_prompt).
+
+Processor: where torchvision imports, the stock AutoProcessor. Without it (the CPU torch wheel cannot
+load torchvision) the stock class cannot be built, because its video processor needs torchvision; the
+same class minus the video processor is used, with the PIL image processor (Qwen2VLImageProcessorPil).
+For images both compute the same smart_resize and patches (tests/test_family_qwen.py compares their
+input_ids, image_grid_thw and pixel_values where torchvision exists).
+"""
+from __future__ import annotations
+
+import torch
+import transformers
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from adapters.base import Adapter, Prepared, chat_prompt, token_positions
+from dataio import InputError
+from layout import Layout
+
+PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                     "qwen3_vl": "Qwen3VLProcessor"}
+
+
+def torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:   # missing, or built for another torch ("operator torchvision::nms does not exist")
+        return False
+    return True
+
+
+def image_only_processor_class(model_type: str) -> type:
+    """The family's processor class without the video processor.
+
+    ProcessorMixin reads its sub-processors off the __init__ signature, so from_pretrained loads only
+    the image processor and the tokenizer. The stock __init__ still runs (it sets the image, video and
+    vision-start tokens each class expects); ProcessorMixin pairs its positional sub-processors with
+    the two names of this signature, so the video slot (None) is dropped. The subclass keeps the stock
+    class name, so a processor saved from it loads as the stock class where torchvision exists."""
+    stock = getattr(transformers, PROCESSOR_CLASSES[model_type])
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        stock.__init__(self, image_processor, tokenizer, None, chat_template=chat_template)
+
+    return type(stock.__name__, (stock,), {"__init__": __init__, "__module__": __name__,
+                                           "__doc__": f"{stock.__name__} for images only (no torchvision)."})
+
+
+def load_processor(name: str, model_type: str, cache_dir: str | None):
+    """The stock processor where torchvision imports, else the image-only one on the PIL backend."""
+    if torchvision_imports():
+        return AutoProcessor.from_pretrained(name, cache_dir=cache_dir)
+    # backend="pil": transformers picks the torchvision image processor whenever the package is
+    # installed, even one that cannot import.
+    return image_only_processor_class(model_type).from_pretrained(name, cache_dir=cache_dir, backend="pil")
+
+
+class QwenVLAdapter(Adapter):
+    def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
+        super().__init__(cfg, device, dtype)
+        if self.conv_mode != "auto":
+            raise InputError(f"model.conv_mode={self.conv_mode!r}: Qwen-VL prompts come from the checkpoint's chat "
+                             "template; use model.conv_mode=auto (conf/model/qwen*.yaml set it)")
+        self.query_at = str(cfg.get("query_at", "expression"))
+        model_type = raw_config.get("model_type")
+        if model_type not in PROCESSOR_CLASSES:
+            raise InputError(f"{self.model_name}: model_type {model_type!r} is not one of the Qwen-VL types "
+                             f"{', '.join(PROCESSOR_CLASSES)}; use model.family=auto")
+        self.processor = load_processor(self.model_name, model_type, self.cache_dir)
+        self.processor.tokenizer.padding_side = "left"   # last real token at the end of every row
+        self.tokenizer = self.processor.tokenizer
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            self.model_name, cache_dir=self.cache_dir, dtype=dtype,
+            attn_implementation={"text_config": text_attn, "vision_config": "sdpa", "": "sdpa"},
+        ).to(device).eval()
+        config = self.model.config
+        self.image_token_id = config.image_token_id
+        self.merge = config.vision_config.spatial_merge_size
+        # A generated image or video placeholder would ask for visual features on the capture pass.
+        self.generate_kwargs = {"suppress_tokens": [config.image_token_id, config.video_token_id]}
+        self.num_layers = config.text_config.num_hidden_layers
+        self.num_heads = config.text_config.num_attention_heads
+
+    def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
+        prompts = [chat_prompt(self.processor, q, self.query_at) for q in queries]
+        batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        image_positions = token_positions(batch["input_ids"], self.image_token_id)          # per row [V_b]
+        layouts = []
+        for b, (image, (_, patch_rows, patch_cols)) in enumerate(zip(images, batch["image_grid_thw"].tolist())):
+            grid = (patch_rows // self.merge, patch_cols // self.merge)                       # (rows, cols)
+            positions = image_positions[b]
+            if positions.numel() != grid[0] * grid[1] or not bool((positions.diff() == 1).all()):
+                raise RuntimeError(f"row {b}: expected one run of {grid[0] * grid[1]} image tokens for grid {grid}, "
+                                   f"got {positions.numel()}")
+            width, height = image.size
+            layouts.append(Layout.single("smart_resize", (width, height), grid, (0, 0, width, height)))
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return Prepared(inputs, image_positions, layouts, prompts)
+
+    def call_inputs(self, prepared: Prepared) -> dict[str, torch.Tensor]:
+        """The processor's tensors as they are: no position_ids (M-RoPE, see the module docstring)."""
+        return dict(prepared.inputs)
