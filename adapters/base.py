@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+from transformers import AutoModelForImageTextToText
 
+from dataio import InputError
 from layout import Layout
 
 
@@ -54,6 +56,9 @@ class Adapter:
         """What every family reads from the model config; subclasses load the rest."""
         self.model_name = str(cfg.name)
         self.conv_mode = str(cfg.get("conv_mode", "auto"))
+        self.query_at = str(cfg.get("query_at", "expression"))
+        if self.query_at not in QUERY_AT:
+            raise InputError(f"model.query_at={self.query_at!r} is unknown; use one of {', '.join(QUERY_AT)}")
         self.cache_dir = cfg.get("cache_dir") or None
         self.device, self.dtype = device, dtype
 
@@ -109,6 +114,56 @@ def chat_prompt(processor, query: str, query_at: str = "expression") -> str:
     if end < 0:
         raise ValueError(f"the chat template does not contain the expression {query!r} verbatim")
     return text[: end + len(query)]
+
+
+class ImageTextAdapter(Adapter):
+    """A Hugging Face image-text-to-text checkpoint: a processor and AutoModelForImageTextToText, the
+    language model on the capturing attention and the vision tower on SDPA. Families subclass it."""
+
+    chat_template = True   # the prompt comes from the checkpoint's chat template (model.conv_mode=auto)
+
+    def load(self, processor, text_attn: str):
+        """Load the model beside `processor`; returns the model's config."""
+        if self.chat_template and self.conv_mode != "auto":
+            raise InputError(f"model.conv_mode={self.conv_mode!r}: {type(self).__name__} builds its prompt with the "
+                             "checkpoint's own chat template; use model.conv_mode=auto")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"  # last real token at the end of every row
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            self.model_name, cache_dir=self.cache_dir, dtype=self.dtype,
+            attn_implementation={"text_config": text_attn, "vision_config": "sdpa", "": "sdpa"},
+        ).to(self.device).eval()
+        config = self.model.config
+        self.image_token_id = config.image_token_id
+        # A generated placeholder would be taken for an image on the capture pass.
+        self.generate_kwargs = {"suppress_tokens": [self.image_token_id]}
+        self.num_layers = config.text_config.num_hidden_layers
+        self.num_heads = config.text_config.num_attention_heads
+        return config
+
+    def image_kwargs_of(self, cfg) -> tuple[dict, dict]:
+        """(model.image_kwargs without nulls, the merged image settings every processor call uses):
+        the processor's class defaults override its saved preprocessor config, so the layout must read
+        the same merged settings as the call."""
+        image_kwargs = {k: v for k, v in (cfg.get("image_kwargs") or {}).items() if v is not None}
+        merged = self.processor._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs,
+                                              images_kwargs=image_kwargs)["images_kwargs"]
+        return image_kwargs, merged
+
+    def finish(self, batch, layouts: list[Layout], prompts: list[str], what: str = "the layout",
+               image_positions: list[torch.Tensor] | None = None) -> Prepared:
+        """Prepared from a processor batch: the image-token positions (default: every image token of
+        the row) checked against each row's layout, tensors on the model's device, pixels in its dtype."""
+        if image_positions is None:
+            image_positions = token_positions(batch["input_ids"], self.image_token_id)   # per row [V_b]
+        for b, (positions, layout) in enumerate(zip(image_positions, layouts)):
+            if positions.numel() != layout.num_tokens:
+                raise RuntimeError(f"row {b}: {positions.numel()} image tokens, but {layout.num_tokens} in "
+                                   f"{len(layout.maps)} map(s) expected from {what}")
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return Prepared(inputs, image_positions, layouts, prompts)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

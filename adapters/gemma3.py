@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoProcessor
 
-from adapters.base import Adapter, Prepared, chat_prompt, token_positions
+from adapters.base import ImageTextAdapter, Prepared, chat_prompt
 from layout import Layout
 
 PAN_AND_SCAN = ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate")
@@ -53,33 +53,17 @@ def views_layout(image_size: tuple[int, int], crops: list[tuple[int, int, int, i
     return Layout.stack("pan_and_scan", image_size, maps)
 
 
-class Gemma3Adapter(Adapter):
+class Gemma3Adapter(ImageTextAdapter):
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
         super().__init__(cfg, device, dtype)
-        self.query_at = str(cfg.get("query_at", "expression"))
-        self.processor = AutoProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir)
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"  # last real token at the end of every row
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            self.model_name, cache_dir=self.cache_dir, dtype=dtype,
-            attn_implementation={"text_config": text_attn, "vision_config": "sdpa", "": "sdpa"},
-        ).to(device).eval()
-        config = self.model.config
-        self.image_token_id = config.image_token_id
-        # A generated image token would be taken for an image placeholder on the capture pass.
-        self.generate_kwargs = {"suppress_tokens": [self.image_token_id]}
-        self.num_layers = config.text_config.num_hidden_layers
-        self.num_heads = config.text_config.num_attention_heads
+        config = self.load(AutoProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir), text_attn)
         self.side = self.model.model.multi_modal_projector.tokens_per_side       # the pooled map's side
         tokens = config.mm_tokens_per_image
         if self.side * self.side != tokens or self.processor.image_seq_length != tokens:
             raise RuntimeError(f"{self.model_name}: mm_tokens_per_image {tokens}, processor "
                                f"image_seq_length {self.processor.image_seq_length}, pooled side {self.side} disagree")
-        # Image settings of every call: model.image_kwargs (null = unset) over the processor's class
-        # defaults, which override the saved preprocessor config (pan-and-scan is off unless asked for).
-        self.image_kwargs = {k: v for k, v in (cfg.get("image_kwargs") or {}).items() if v is not None}
-        self.call_images_kwargs = self.processor._merge_kwargs(
-            tokenizer_init_kwargs=self.tokenizer.init_kwargs, images_kwargs=self.image_kwargs)["images_kwargs"]
+        # Pan-and-scan is off unless model.image_kwargs asks for it (the class default wins over the saved config).
+        self.image_kwargs, self.call_images_kwargs = self.image_kwargs_of(cfg)
 
     def layout(self, image_size: tuple[int, int]) -> Layout:
         crops = crop_boxes(image_size, self.call_images_kwargs, self.processor.image_processor)
@@ -91,12 +75,4 @@ class Gemma3Adapter(Adapter):
         # starts with <bos>, so the tokenizer must not add another.
         batch = self.processor(images=[[im] for im in images], text=prompts, return_tensors="pt", padding=True,
                                add_special_tokens=False, images_kwargs=self.image_kwargs)
-        image_positions = token_positions(batch["input_ids"], self.image_token_id)       # per row [V_b]
-        layouts = [self.layout(im.size) for im in images]
-        for b, (positions, layout) in enumerate(zip(image_positions, layouts)):
-            if positions.numel() != layout.num_tokens:
-                raise RuntimeError(f"row {b}: {positions.numel()} image tokens, but {len(layout.maps)} views of "
-                                   f"{self.side}×{self.side} = {layout.num_tokens} expected from pan-and-scan")
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return Prepared(inputs, image_positions, layouts, prompts)
+        return self.finish(batch, [self.layout(im.size) for im in images], prompts, "pan-and-scan")

@@ -21,41 +21,25 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoProcessor
 from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from adapters.base import Adapter, Prepared, chat_prompt, token_positions
+from adapters.base import ImageTextAdapter, Prepared, chat_prompt
 from adapters.internvl import tiles_layout
 from layout import Layout
 
 
-class Idefics3Adapter(Adapter):
+class Idefics3Adapter(ImageTextAdapter):
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
         super().__init__(cfg, device, dtype)
-        self.query_at = str(cfg.get("query_at", "expression"))
-        self.processor = self.load_processor()
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"  # last real token at the end of every row
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            self.model_name, cache_dir=self.cache_dir, dtype=dtype,
-            attn_implementation={"text_config": text_attn, "vision_config": "sdpa", "": "sdpa"},
-        ).to(device).eval()
-        config = self.model.config
-        self.image_token_id = config.image_token_id
-        self.generate_kwargs = {"suppress_tokens": [self.image_token_id]}
-        self.num_layers = config.text_config.num_hidden_layers
-        self.num_heads = config.text_config.num_attention_heads
+        config = self.load(self.load_processor(), text_attn)
         vision = config.vision_config
         self.side = vision.image_size // vision.patch_size // config.scale_factor      # tokens per view side
         if self.side * self.side != self.processor.image_seq_len:
             raise RuntimeError(f"{self.model_name}: processor image_seq_len {self.processor.image_seq_len} ≠ "
                                f"({vision.image_size} / {vision.patch_size} / {config.scale_factor})² tokens per view")
-        # Image settings of every call: model.image_kwargs (null = unset) over the processor's class
-        # defaults over the image processor's attributes.
-        self.image_kwargs = {k: v for k, v in (cfg.get("image_kwargs") or {}).items() if v is not None}
-        self.call_images_kwargs = self.processor._merge_kwargs(
-            tokenizer_init_kwargs=self.tokenizer.init_kwargs, images_kwargs=self.image_kwargs)["images_kwargs"]
+        self.image_kwargs, self.call_images_kwargs = self.image_kwargs_of(cfg)
 
     def load_processor(self):
         return AutoProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir)
@@ -71,15 +55,7 @@ class Idefics3Adapter(Adapter):
         # One image per prompt, nested per row; the chat template already holds the special tokens.
         batch = self.processor(images=[[im] for im in images], text=prompts, return_tensors="pt", padding=True,
                                add_special_tokens=False, images_kwargs=self.image_kwargs)
-        image_positions = token_positions(batch["input_ids"], self.image_token_id)       # per row [V_b]
-        layouts = [self.layout(im.size) for im in images]
-        for b, (positions, layout) in enumerate(zip(image_positions, layouts)):
-            if positions.numel() != layout.num_tokens:
-                raise RuntimeError(f"row {b}: {positions.numel()} image tokens, but {len(layout.maps)} views of "
-                                   f"{self.side}×{self.side} = {layout.num_tokens} expected from the tile grid")
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return Prepared(inputs, image_positions, layouts, prompts)
+        return self.finish(batch, [self.layout(im.size) for im in images], prompts, "the tile grid")
 
 
 class ImageOnlySmolVLMProcessor(SmolVLMProcessor):

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, InternVLProcessor
+from transformers import InternVLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from adapters.base import Adapter, Prepared, chat_prompt, token_positions
+from adapters.base import ImageTextAdapter, Prepared, chat_prompt
 from layout import Layout
 
 
@@ -73,23 +73,11 @@ def _first(value) -> int:
     return int(value if isinstance(value, int) else value[0])
 
 
-class InternVLAdapter(Adapter):
+class InternVLAdapter(ImageTextAdapter):
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
         super().__init__(cfg, device, dtype)
-        self.query_at = str(cfg.get("query_at", "expression"))
-        self.processor = ImageOnlyInternVLProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir)
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"  # last real token at the end of every row
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            self.model_name, cache_dir=self.cache_dir, dtype=dtype,
-            attn_implementation={"text_config": text_attn, "vision_config": "sdpa", "": "sdpa"},
-        ).to(device).eval()
-        config = self.model.config
-        self.image_token_id = config.image_token_id
-        # A generated <IMG_CONTEXT> would be taken for an image token on the capture pass.
-        self.generate_kwargs = {"suppress_tokens": [self.image_token_id]}
-        self.num_layers = config.text_config.num_hidden_layers
-        self.num_heads = config.text_config.num_attention_heads
+        config = self.load(ImageOnlyInternVLProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir),
+                           text_attn)
         # Tokens per tile side: patches per side, then pixel shuffle by downsample_ratio.
         vision = config.vision_config
         patches = _first(vision.image_size) // _first(vision.patch_size)
@@ -97,11 +85,7 @@ class InternVLAdapter(Adapter):
         if self.side * self.side != self.processor.image_seq_length:
             raise RuntimeError(f"{self.model_name}: processor image_seq_length {self.processor.image_seq_length} "
                                f"≠ ({patches} patches · {config.downsample_ratio})² tokens per tile")
-        # Image settings of every call: model.image_kwargs (null = unset) over the processor's class
-        # defaults (which override the saved preprocessor config) over the image processor's attributes.
-        self.image_kwargs = {k: v for k, v in (cfg.get("image_kwargs") or {}).items() if v is not None}
-        self.call_images_kwargs = self.processor._merge_kwargs(
-            tokenizer_init_kwargs=self.tokenizer.init_kwargs, images_kwargs=self.image_kwargs)["images_kwargs"]
+        self.image_kwargs, self.call_images_kwargs = self.image_kwargs_of(cfg)
 
     def layout(self, image_size: tuple[int, int]) -> Layout:
         tiles = tile_grid(image_size, self.call_images_kwargs, self.processor.image_processor)
@@ -112,12 +96,4 @@ class InternVLAdapter(Adapter):
         # The chat template already holds the special tokens.
         batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True,
                                add_special_tokens=False, images_kwargs=self.image_kwargs)
-        image_positions = token_positions(batch["input_ids"], self.image_token_id)       # per row [V_b]
-        layouts = [self.layout(im.size) for im in images]
-        for b, (positions, layout) in enumerate(zip(image_positions, layouts)):
-            if positions.numel() != layout.num_tokens:
-                raise RuntimeError(f"row {b}: {positions.numel()} image tokens, but {len(layout.maps)} views of "
-                                   f"{self.side}×{self.side} = {layout.num_tokens} expected from the tile grid")
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return Prepared(inputs, image_positions, layouts, prompts)
+        return self.finish(batch, [self.layout(im.size) for im in images], prompts, "the tile grid")

@@ -27,10 +27,10 @@ import math
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaOnevisionProcessor
+from transformers import AutoProcessor, LlavaOnevisionProcessor
 from transformers.image_processing_utils import select_best_resolution
 
-from adapters.base import Adapter, Prepared, chat_prompt
+from adapters.base import ImageTextAdapter, Prepared, chat_prompt
 from dataio import InputError
 from layout import Layout
 
@@ -145,29 +145,13 @@ class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
                          vision_aspect_ratio=vision_aspect_ratio, **kwargs)
 
 
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(ImageTextAdapter):
     """LLaVA-NeXT; query token: the expression's last token (model.query_at=generation_prompt: the
     end of the chat template's generation prompt). Positions: the default 1-D ones from the mask."""
 
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
         super().__init__(cfg, device, dtype)
-        if self.conv_mode != "auto":
-            raise InputError(f"model.conv_mode={self.conv_mode!r}: {type(self).__name__} builds its prompt with the "
-                             "checkpoint's own chat template; use model.conv_mode=auto")
-        self.query_at = str(cfg.get("query_at", "expression"))
-        self.processor = self.load_processor()
-        self.processor.tokenizer.padding_side = "left"  # last real token at the end of every row
-        self.tokenizer = self.processor.tokenizer
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            self.model_name, cache_dir=self.cache_dir, dtype=dtype,
-            attn_implementation={"text_config": text_attn, "vision_config": "sdpa", "": "sdpa"},
-        ).to(device).eval()
-        config = self.model.config
-        self.image_token_id = config.image_token_id
-        # A generated placeholder would be expanded again as an image on the capture pass.
-        self.generate_kwargs = {"suppress_tokens": [self.image_token_id]}
-        self.num_layers = config.text_config.num_hidden_layers
-        self.num_heads = config.text_config.num_attention_heads
+        config = self.load(self.load_processor(), text_attn)
         self.tile, self.patch = config.vision_config.image_size, config.vision_config.patch_size
         self.pinpoints = [tuple(p) for p in config.image_grid_pinpoints]
         self.max_tiles = self.max_tiles_of(config)
@@ -210,9 +194,7 @@ class LlavaNextAdapter(Adapter):
             highres = positions[base:].view(rows, cols + 1)[:, :cols].reshape(-1)
             image_positions.append(torch.cat([positions[:base], highres]).cpu())
             layouts.append(layout)
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return Prepared(inputs, image_positions, layouts, prompts)
+        return self.finish(batch, layouts, prompts, "anyres", image_positions)
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):

@@ -18,34 +18,22 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoProcessor
 
-from adapters.base import QUERY_AT, Adapter, Prepared, position_ids_from_mask, token_positions
+from adapters.base import ImageTextAdapter, Prepared, position_ids_from_mask
 from layout import Layout
 
 
-class PaliGemmaAdapter(Adapter):
+class PaliGemmaAdapter(ImageTextAdapter):
+    chat_template = False   # the processor's own prompt format: <image>…<bos>{expression}\n
+
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
         super().__init__(cfg, device, dtype)
-        self.query_at = str(cfg.get("query_at", "expression"))
-        if self.query_at not in QUERY_AT:
-            raise ValueError(f"model.query_at={self.query_at!r} is unknown; use one of {QUERY_AT}")
-        self.processor = AutoProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir)
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"  # last real token at the end of every row
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            self.model_name, cache_dir=self.cache_dir, dtype=dtype,
-            attn_implementation={"text_config": text_attn, "vision_config": "sdpa", "": "sdpa"},
-        ).to(device).eval()
-        config = self.model.config
-        self.image_token_id = config.image_token_id
+        config = self.load(AutoProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir), text_attn)
         separator = self.tokenizer.encode("\n", add_special_tokens=False)
         if len(separator) != 1:
             raise RuntimeError(f"{self.model_name}: the tokenizer splits PaliGemma's \\n separator into {separator}")
         self.newline_id = separator[0]
-        self.generate_kwargs = {"suppress_tokens": [self.image_token_id]}
-        self.num_layers = config.text_config.num_hidden_layers
-        self.num_heads = config.text_config.num_attention_heads
         side = config.vision_config.image_size // config.vision_config.patch_size
         if side * side != self.processor.image_seq_length:
             raise RuntimeError(f"{self.model_name}: processor image_seq_length {self.processor.image_seq_length} "
@@ -60,16 +48,10 @@ class PaliGemmaAdapter(Adapter):
             if not torch.all(batch["input_ids"][:, -1] == self.newline_id):
                 raise RuntimeError("PaliGemma prompts should end with the processor's \\n separator")
             batch = {k: v[:, :-1] if k != "pixel_values" else v for k, v in batch.items()}
-        image_positions = token_positions(batch["input_ids"], self.image_token_id)       # per row [V]
         layouts = [Layout.single("stretch", im.size, self.grid, (0, 0, im.width, im.height)) for im in images]
-        for b, positions in enumerate(image_positions):
-            if positions.numel() != layouts[b].num_tokens:
-                raise RuntimeError(f"row {b}: {positions.numel()} image tokens, expected {self.grid[0]}×{self.grid[1]}")
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         end = "\n" if self.query_at == "generation_prompt" else ""
         shown = [f"{self.processor.image_token}{self.tokenizer.bos_token}{q}{end}" for q in queries]
-        return Prepared(inputs, image_positions, layouts, shown)
+        return self.finish(batch, layouts, shown, f"the {self.grid[0]}×{self.grid[1]} grid")
 
     def call_inputs(self, prepared: Prepared) -> dict[str, torch.Tensor]:
         inputs = dict(prepared.inputs)

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoProcessor
 
-from adapters.base import Adapter, Prepared, chat_prompt, token_positions
+from adapters.base import ImageTextAdapter, Prepared, chat_prompt, token_positions
 from dataio import InputError
 from layout import Layout
 
@@ -65,31 +65,17 @@ def load_processor(name: str, model_type: str, cache_dir: str | None):
     return image_only_processor_class(model_type).from_pretrained(name, cache_dir=cache_dir, backend="pil")
 
 
-class QwenVLAdapter(Adapter):
+class QwenVLAdapter(ImageTextAdapter):
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
         super().__init__(cfg, device, dtype)
-        if self.conv_mode != "auto":
-            raise InputError(f"model.conv_mode={self.conv_mode!r}: Qwen-VL prompts come from the checkpoint's chat "
-                             "template; use model.conv_mode=auto (conf/model/qwen*.yaml set it)")
-        self.query_at = str(cfg.get("query_at", "expression"))
         model_type = raw_config.get("model_type")
         if model_type not in PROCESSOR_CLASSES:
             raise InputError(f"{self.model_name}: model_type {model_type!r} is not one of the Qwen-VL types "
                              f"{', '.join(PROCESSOR_CLASSES)}; use model.family=auto")
-        self.processor = load_processor(self.model_name, model_type, self.cache_dir)
-        self.processor.tokenizer.padding_side = "left"   # last real token at the end of every row
-        self.tokenizer = self.processor.tokenizer
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            self.model_name, cache_dir=self.cache_dir, dtype=dtype,
-            attn_implementation={"text_config": text_attn, "vision_config": "sdpa", "": "sdpa"},
-        ).to(device).eval()
-        config = self.model.config
-        self.image_token_id = config.image_token_id
+        config = self.load(load_processor(self.model_name, model_type, self.cache_dir), text_attn)
         self.merge = config.vision_config.spatial_merge_size
         # A generated image or video placeholder would ask for visual features on the capture pass.
         self.generate_kwargs = {"suppress_tokens": [config.image_token_id, config.video_token_id]}
-        self.num_layers = config.text_config.num_hidden_layers
-        self.num_heads = config.text_config.num_attention_heads
 
     def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
         prompts = [chat_prompt(self.processor, q, self.query_at) for q in queries]
@@ -104,9 +90,7 @@ class QwenVLAdapter(Adapter):
                                    f"got {positions.numel()}")
             width, height = image.size
             layouts.append(Layout.single("smart_resize", (width, height), grid, (0, 0, width, height)))
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return Prepared(inputs, image_positions, layouts, prompts)
+        return self.finish(batch, layouts, prompts, "image_grid_thw", image_positions)
 
     def call_inputs(self, prepared: Prepared) -> dict[str, torch.Tensor]:
         """The processor's tensors as they are: no position_ids (M-RoPE, see the module docstring)."""
