@@ -11,10 +11,11 @@ import torch
 from omegaconf import DictConfig
 
 from collector import collect, load_attention, load_image, save_attention
-from dataio import InputError, atomic_write_text, read_jsonl, resolve_path, safe_output_path
+from dataio import InputError, atomic_write_text, resolve_path, safe_output_path
 from outputs import run_analysis, write_outputs
 import settings
 from settings import attn_dtype, box_settings, collect_settings, fixed_heads, gen_kwargs, model_dir
+import validate
 
 log = logging.getLogger("batch")
 
@@ -61,18 +62,17 @@ def _resume_state(out_dir: Path, item_id: str, figure: str | None, collect_now: 
 
 
 def select_rows(cfg: DictConfig) -> tuple[list[tuple[int, dict]], Path]:
+    """The rows to run: all of the file (data.process_all) or [start_index, end_index). The whole
+    file is checked first, so a bad row anywhere stops the run before the model loads."""
     data_file = Path(str(cfg.data.data_file))
-    rows = list(read_jsonl(data_file, required=("id", "prompt", "image_path")))
+    rows = validate.jsonl_rows(data_file, required=("id", "prompt", "image_path"))
     if not cfg.data.process_all:
-        end = cfg.data.end_index if cfg.data.end_index is not None else len(rows)
-        rows = rows[int(cfg.data.start_index): int(end)]
-    seen: dict[str, int] = {}
-    for lineno, row in rows:
-        item_id = str(row["id"])
-        safe_output_path(".", item_id, "")  # reject ids that would escape the output folder
-        if item_id in seen:
-            raise InputError(f"{data_file}:{lineno}: duplicate id {item_id!r} (first on line {seen[item_id]})")
-        seen[item_id] = lineno
+        start = int(cfg.data.start_index)
+        end = int(cfg.data.end_index) if cfg.data.end_index is not None else len(rows)
+        if (start, end) != (0, len(rows)):
+            log.warning("batch: only rows [%d, %d) of the %d in %s (data.start_index, data.end_index); "
+                        "add data.process_all=true to run them all", start, min(end, len(rows)), len(rows), data_file)
+        rows = rows[start:end]
     return rows, data_file.parent
 
 

@@ -193,6 +193,9 @@ def load_attention(path: str | Path) -> dict:
         attn = attn.unsqueeze(2)
     if attn.dim() != 4 or attn.shape[2] != 1:
         raise InputError(f"{path}: 'attn' has shape {tuple(attn.shape)}, expected [L, H, 1, V]")
+    if not torch.isfinite(attn).all():   # one NaN would drop τ to 0 and pass every head
+        raise InputError(f"{path}: 'attn' holds {int((~torch.isfinite(attn)).sum())} NaN/inf values; "
+                         "the file is damaged: collect it again")
     meta = _complete_meta(dict(obj["meta"]), attn, path)
     return {"attn": attn, "meta": meta}
 

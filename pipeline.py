@@ -8,6 +8,10 @@ Stages pass files to each other under <data.output_dir>/<model>/:
   batch      JSONL rows → all of the above per id (batched forward, resumable, failures listed)
   select     folder of <id>.pkl   → selected_heads.json, selected_heads_counts.csv (voting, k heads)
   evaluate   JSONL with bbox + folder of <id>_bbox.json → evaluation.json, evaluation_rows.csv
+
+Exit codes (README "What the tool promises"): 0 every row succeeded; 3 some rows failed (the others
+finished, the failed ones are listed); 2 nothing ran (bad config or input, output folder busy or
+not writable); 130 interrupted (finished rows kept; rerun to resume); 1 a crash (a bug: traceback).
 """
 from __future__ import annotations
 
@@ -25,9 +29,11 @@ from dataio import InputError, atomic_write_bytes, atomic_write_json, atomic_wri
 from outputs import load_analysis, run_analysis, write_outputs
 import settings
 from settings import REPO, attn_dtype, collect_settings, gen_kwargs, model_dir
+import validate
 
 log = logging.getLogger("pipeline")
 STAGES = ("collect", "analyze", "visualize", "pipeline", "batch", "select", "evaluate")
+EXIT_OK, EXIT_CRASH, EXIT_NOT_RUN, EXIT_ROWS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 # ---------------------------------------------------------------- stages
@@ -141,19 +147,32 @@ def compose(*overrides: str) -> DictConfig:
 
 
 def run(cfg: DictConfig):
+    """Check everything that can be checked without the model (validate.py), then run the stage."""
     stage = str(cfg.stage)
     if stage not in STAGES:
         raise InputError(f"stage={stage!r} is unknown; use one of {', '.join(STAGES)}")
+    validate.check_config(cfg)
     return globals()[f"stage_{stage}"](cfg)
+
+
+def execute(cfg: DictConfig) -> int:
+    """run(cfg) → the exit code (module docstring); the error is logged, never a traceback."""
+    try:
+        result = run(cfg)
+    except InputError as e:
+        log.error("%s", e)
+        return EXIT_NOT_RUN
+    except KeyboardInterrupt:
+        log.warning("interrupted; finished rows are kept: rerun the same command to resume")
+        return EXIT_INTERRUPTED
+    if isinstance(result, dict) and result.get("failed"):
+        return EXIT_ROWS_FAILED
+    return EXIT_OK
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except InputError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    sys.exit(execute(cfg))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,238 @@
+"""What the tool promises (README "What the tool promises"), tried as a new user would on the
+bundled toy model: bad config, bad rows, odd images, edited inputs, busy or unwritable folders,
+interrupts. Nothing may give a wrong result with exit code 0.
+
+`cli(...)` runs `python pipeline.py ...` in this process (runpy, so Hydra parses the overrides and
+main() sets the exit code exactly as on a terminal); `subprocess_cli(...)` starts a real process
+where the process itself is under test (signals, kill -9, quoting)."""
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipeline
+import settings
+from collector import load_attention
+from tests.conftest import write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "images"
+TOY = ["model=toy", "data.num_workers=0", "logic=paper", "logic.mask.threshold=half_max"]
+EXIT_OK, EXIT_NOT_RUN, EXIT_ROWS_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+@pytest.fixture
+def cli(capfd):
+    """cli(*overrides) → (exit code, everything printed)."""
+    def run(*overrides: str) -> tuple[int, str]:
+        argv = sys.argv
+        sys.argv = [str(REPO / "pipeline.py"), *overrides]
+        code = 0
+        try:
+            runpy.run_path(str(REPO / "pipeline.py"), run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+        finally:
+            sys.argv = argv
+        out, err = capfd.readouterr()
+        return code, out + err
+    return run
+
+
+def subprocess_cli(*overrides: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pipeline.py", *overrides], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+@pytest.fixture
+def model_loads(monkeypatch) -> list:
+    """Appends one entry per model load: the config checks must all come before it."""
+    loads = []
+    real = settings.load_adapter_from
+    monkeypatch.setattr(settings, "load_adapter_from", lambda cfg: loads.append(1) or real(cfg))
+    return loads
+
+
+def rows_file(tmp_path: Path, rows: list, name: str = "data.jsonl") -> Path:
+    return write_jsonl(tmp_path / name, rows)
+
+
+def good_rows(n: int = 3) -> list[dict]:
+    images = ["toy_tall.png", "toy_wide.png", "toy_square.png", "toy_tall4.png"]
+    prompts = ["the triangle .", "the blue square .", "the square .", "the yellow circle ."]
+    return [{"id": f"r{i}", "prompt": prompts[i % 4], "image_path": str(EXAMPLES / images[i % 4])} for i in range(n)]
+
+
+def batch_args(data: Path, out: Path, *more: str) -> list[str]:
+    return ["stage=batch", *TOY, f"data.data_file={data}", "data.process_all=true", f"data.output_dir={out}", *more]
+
+
+def folder(out: Path) -> Path:
+    return out / "toy-llava"
+
+
+# ---------------------------------------------------------------- exit codes
+
+def test_every_row_succeeding_exits_0(cli, tmp_path):
+    code, _ = cli(*batch_args(rows_file(tmp_path, good_rows(2)), tmp_path / "out"))
+    assert code == EXIT_OK and (folder(tmp_path / "out") / "r1_bbox.json").is_file()
+
+
+def test_failed_rows_exit_3_and_the_others_finish(cli, tmp_path):
+    rows = good_rows(2) + [{"id": "gone", "prompt": "the square .", "image_path": str(tmp_path / "no.png")}]
+    code, out = cli(*batch_args(rows_file(tmp_path, rows), tmp_path / "out"))
+    assert code == EXIT_ROWS_FAILED
+    assert (folder(tmp_path / "out") / "r1_bbox.json").is_file()
+    assert "gone" in (folder(tmp_path / "out") / "failures.jsonl").read_text()
+
+
+def test_a_run_where_every_row_fails_is_not_a_success(cli, tmp_path):
+    rows = [{"id": f"gone{i}", "prompt": "the square .", "image_path": f"no{i}.png"} for i in range(2)]
+    code, _ = cli(*batch_args(rows_file(tmp_path, rows), tmp_path / "out"))
+    assert code == EXIT_ROWS_FAILED
+
+
+@pytest.mark.parametrize("override, message", [
+    ("logic.mask.threshold=bogus", "logic.mask.threshold='bogus': unknown; use one of mean, half_max"),
+    ("logic.mask.method=hull", "logic.mask.method='hull': unknown"),
+    ("logic.entropy.method=shannon", "logic.entropy.method='shannon': unknown"),
+    ("logic.threshold.scope=global", "logic.threshold.scope='global': unknown"),
+    ("model.attn_capture=flash", "model.attn_capture='flash': unknown"),
+    ("model.dtype=f16", "model.dtype='f16': unknown"),
+    ("data.attn_dtype=bfloat16", "data.attn_dtype='bfloat16': unknown"),
+    ("logic.top_k=0", "logic.top_k=0: must be an integer >= 1"),
+    ("logic.select.k=0", "logic.select.k=0: must be an integer >= 1"),
+    ("logic.smoothing.sigma=-1", "logic.smoothing.sigma=-1: must be a finite number >= 0"),
+    ("logic.heads=[[0]]", "logic.heads from logic.heads: expected [[layer, head], ...]"),
+    ("logic.heads=[[-1,0]]", "are negative"),
+    ("logic.heads=no/such/heads.json", "file not found"),
+    ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
+    ("data.num_workers=-1", "data.num_workers=-1: must be an integer >= 0"),
+    ("data.resume=maybe", "data.resume='maybe': must be true or false"),
+    ("model.device=gpu", "model.device='gpu': use auto, cpu, cuda or cuda:<index>"),
+])
+def test_config_mistakes_stop_the_run_before_the_model_loads(override, message, cli, tmp_path, model_loads):
+    code, out = cli(*batch_args(rows_file(tmp_path, good_rows(1)), tmp_path / "out"), override)
+    assert code == EXIT_NOT_RUN and message in out and "Traceback" not in out
+    assert model_loads == []
+
+
+def test_every_config_mistake_is_listed_at_once(cli, tmp_path):
+    code, out = cli(*batch_args(rows_file(tmp_path, good_rows(1)), tmp_path / "out"),
+                    "logic.top_k=0", "logic.mask.threshold=bogus", "data.batch_size=0")
+    assert code == EXIT_NOT_RUN and "3 problems" in out
+    assert all(k in out for k in ("logic.top_k=0", "logic.mask.threshold='bogus'", "data.batch_size=0"))
+
+
+def test_unknown_stage_exits_2(cli, tmp_path):
+    code, out = cli("stage=colect", *TOY, f"data.output_dir={tmp_path}")
+    assert code == EXIT_NOT_RUN and "stage='colect' is unknown" in out
+
+
+def test_nan_in_an_attention_file_is_an_error_naming_the_file(cli, tmp_path):
+    cli(*batch_args(rows_file(tmp_path, good_rows(1)), tmp_path / "out"))
+    path = folder(tmp_path / "out") / "r0.pkl"
+    raw = torch.load(path, weights_only=True)
+    raw["attn"][2, 1, 0, 5] = float("nan")
+    bad = tmp_path / "nan.pkl"
+    torch.save(raw, bad)
+    code, out = cli("stage=analyze", *TOY, f"data.attention_file={bad}", f"data.output_dir={tmp_path / 'out'}")
+    assert code == EXIT_NOT_RUN and f"{bad}: 'attn' holds 1 NaN/inf values" in out
+    assert not (tmp_path / "nan_analysis.pkl").exists()
+
+
+def test_a_batch_over_part_of_the_file_says_so(cli, tmp_path):
+    data = rows_file(tmp_path, good_rows(3))
+    code, out = cli("stage=batch", *TOY, f"data.data_file={data}", f"data.output_dir={tmp_path / 'out'}")
+    assert code == EXIT_OK
+    assert "only rows [0, 1) of the 3" in out and "data.process_all=true" in out
+
+
+# ---------------------------------------------------------------- JSONL rows
+
+@pytest.mark.parametrize("row, message", [
+    ({"id": None, "prompt": "a", "image_path": "a.png"}, "id: null is not an id; give a string or an integer"),
+    ({"id": True, "prompt": "a", "image_path": "a.png"}, "id: true is not an id"),
+    ({"id": "x", "prompt": ["the dog", "the cat"], "image_path": "a.png"},
+     "prompt: a list ([\"the dog\", \"the cat\"]); give one referring expression as a string"),
+    ({"id": "x", "prompt": "a", "image_path": 7}, "image_path: 7 is not a path"),
+    ({"id": "x" * 300, "prompt": "a", "image_path": "a.png"}, "is 300 bytes long (UTF-8); shorten it to at most 200"),
+    ({"id": "x" * 236, "prompt": "a", "image_path": "a.png"}, "is 236 bytes long"),
+    ({"id": "a\nb", "prompt": "a", "image_path": "a.png"}, "contains a control character"),
+    ({"id": ".hidden", "prompt": "a", "image_path": "a.png"}, "is not a plain file name"),
+    ({"id": "r0_analysis", "prompt": "a", "image_path": "a.png"}, "ends in '_analysis', which names another id's output"),
+    ({"id": "x", "image_path": "a.png"}, "prompt: missing"),
+])
+def test_bad_rows_are_refused_with_a_precise_message(row, message, cli, tmp_path, model_loads):
+    data = rows_file(tmp_path, [good_rows(1)[0], row])
+    code, out = cli(*batch_args(data, tmp_path / "out"))
+    assert code == EXIT_NOT_RUN and f"{data}:2: " in out and message in out and "Traceback" not in out
+    assert model_loads == [] and not list(folder(tmp_path / "out").glob("*.pkl"))
+
+
+def test_every_bad_row_of_the_file_is_listed_at_once(cli, tmp_path):
+    data = rows_file(tmp_path, [
+        good_rows(1)[0],
+        "{not json",
+        {"id": None, "prompt": "a", "image_path": "a.png"},
+        {"id": "y", "prompt": 3, "image_path": "a.png"},
+        {"id": "r0", "prompt": "a", "image_path": "a.png"},
+    ])
+    code, out = cli(*batch_args(data, tmp_path / "out"))
+    assert code == EXIT_NOT_RUN and "4 problems" in out
+    for line in (f"{data}:2: not valid JSON", f"{data}:3: id: null", f"{data}:4: prompt: a int",
+                 f"{data}:5: id: duplicate id 'r0' (first on line 1)"):
+        assert line in out
+
+
+def test_integer_ids_name_files_as_their_digits(cli, tmp_path):
+    row = dict(good_rows(1)[0], id=1234)
+    code, _ = cli(*batch_args(rows_file(tmp_path, [row]), tmp_path / "out"))
+    assert code == EXIT_OK and (folder(tmp_path / "out") / "1234_bbox.json").is_file()
+
+
+# ---------------------------------------------------------------- output folder
+
+def test_an_output_folder_that_is_a_file_stops_the_run_before_hydra(cli, tmp_path, model_loads):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, out = cli(*batch_args(rows_file(tmp_path, good_rows(1)), blocker / "out"))
+    assert code == EXIT_NOT_RUN and "cannot write outputs here" in out and "Traceback" not in out
+    assert model_loads == []
+
+
+def test_an_unwritable_model_folder_stops_the_run_before_the_model_loads(cli, tmp_path, model_loads, readonly):
+    """The Hydra log folder is writable; only <output_dir>/<model>/ is not."""
+    out = tmp_path / "out"
+    readonly(folder(out))
+    code, text = cli(*batch_args(rows_file(tmp_path, good_rows(1)), out))
+    assert code == EXIT_NOT_RUN and f"{folder(out)}: cannot write outputs here" in text
+    assert model_loads == []
+
+
+@pytest.fixture
+def readonly(tmp_path):
+    """readonly(path): make `path` a read-only folder, even for root (a read-only tmpfs), or skip."""
+    import os
+
+    mounted = []
+
+    def make(path: Path):
+        path.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            path.chmod(0o555)
+            return
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip("root cannot be denied writing without mounting a read-only file system, and mount failed")
+        mounted.append(path)
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=False)
