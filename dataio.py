@@ -75,6 +75,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+def file_stamps(folder: str | Path, names: list[str]) -> dict[str, list[int]]:
+    """{name: [size, mtime_ns]} of files in `folder`: a row's _bbox.json records its other files
+    so that a file replaced later (another run, a copy, a half-finished rerun) is noticed."""
+    stamps = {}
+    for name in names:
+        stat = (Path(folder) / name).stat()
+        stamps[name] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
 def id_problem(item_id: str) -> str | None:
     """Why `item_id` cannot name output files (and what to do), or None when it can."""
     if not item_id:

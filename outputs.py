@@ -12,7 +12,7 @@ import analyze as analysis
 import bbox
 import viz
 from collector import load_image
-from dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, safe_output_path
+from dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, file_stamps, safe_output_path
 from settings import box_settings, fixed_heads
 
 
@@ -43,6 +43,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
     """<id>_analysis.pkl, <id>_mask.png, <id>_bbox.json and (figure=True) <id>_top{K}.png."""
     heads, source = heads_for(result, record, cfg)
     loc = bbox.localize(record["attn"], record["meta"], [(h["layer"], h["head"]) for h in heads], cfg.logic)
+    suffixes = [".pkl", "_analysis.pkl", "_mask.png"] + ([f"_top{len(heads)}.png"] if figure else [])
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_analysis.pkl"), pickle.dumps(result))
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_mask.png"), viz.mask_png(loc["mask"]))
     if figure:
@@ -62,6 +63,8 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
         "mask_method": str(cfg.logic.mask.method),
         "settings": box_settings(cfg),
         "collect_settings": record["meta"].get("collect_settings"),
+        "source": record["meta"].get("source"),   # the row's inputs (settings.row_source)
+        "row_files": file_stamps(out_dir, [f"{item_id}{s}" for s in suffixes]),
     }
     # The bbox file is written last: its presence marks the item complete (batch resume).
     atomic_write_json(safe_output_path(out_dir, item_id, "_bbox.json"), summary)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import pickle
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -26,9 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 import analyze as analysis
 from collector import collect, load_attention, load_image, save_attention
 from dataio import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, safe_output_path
+from locks import RowLocks
 from outputs import load_analysis, run_analysis, write_outputs
 import settings
-from settings import REPO, attn_dtype, collect_settings, gen_kwargs, model_dir
+from settings import REPO, attn_dtype, collect_settings, gen_kwargs, model_dir, row_source, source_change
 import validate
 
 log = logging.getLogger("pipeline")
@@ -43,14 +45,14 @@ def _stem(path: Path) -> str:
 
 
 def stage_collect(cfg: DictConfig) -> Path:
-    if not cfg.data.image_file:
-        raise InputError("data.image_file is required for stage=collect/pipeline")
-    image = load_image(cfg.data.image_file)
+    image_file, item_id = str(cfg.data.image_file), str(cfg.data.id)
+    image = load_image(image_file)
     adapter = settings.load_adapter_from(cfg)
     record = collect(adapter, [image], [cfg.data.query], attn_capture=str(cfg.model.attn_capture),
                      use_generate=bool(cfg.model.use_generate), gen_kwargs=gen_kwargs(cfg))[0]
-    record["meta"].update(image_file=str(cfg.data.image_file), collect_settings=collect_settings(cfg))
-    path = safe_output_path(model_dir(cfg), str(cfg.data.id), ".pkl")
+    record["meta"].update(image_file=image_file, collect_settings=collect_settings(cfg),
+                          source=row_source(item_id, cfg.data.query, image_file, Path(image_file)))
+    path = safe_output_path(model_dir(cfg), item_id, ".pkl")
     save_attention(path, record, attn_dtype(cfg))
     log.info("attention [L, H, 1, V] = %s → %s", list(record["attn"].shape), path)
     return path
@@ -78,6 +80,13 @@ def stage_visualize(cfg: DictConfig, path: Path | None = None) -> dict:
     record = load_attention(path)
     if "image_file" not in record["meta"]:
         raise InputError(f"{path}: meta has no image_file; cannot draw")
+    recorded = record["meta"].get("source")
+    if recorded:   # the figure must show the image the model saw
+        image_file = record["meta"]["image_file"]
+        changed = source_change(recorded, row_source(recorded["id"], recorded["prompt"], recorded["image_path"],
+                                                     Path(image_file)))
+        if changed:
+            raise InputError(f"{image_file}: {changed} since {path.name} was collected; collect it again")
     analysis_file = path.with_name(f"{_stem(path)}_analysis.pkl")
     result = load_analysis(analysis_file) if analysis_file.is_file() else run_analysis(record, cfg)
     summary = write_outputs(path.parent, _stem(path), record, result, cfg, figure=True)
@@ -152,7 +161,20 @@ def run(cfg: DictConfig):
     if stage not in STAGES:
         raise InputError(f"stage={stage!r} is unknown; use one of {', '.join(STAGES)}")
     validate.check_config(cfg)
-    return globals()[f"stage_{stage}"](cfg)
+    written = _row_written(cfg)
+    with RowLocks(*written) if written else nullcontext():
+        return globals()[f"stage_{stage}"](cfg)
+
+
+def _row_written(cfg: DictConfig) -> tuple[Path, list[str]] | None:
+    """(folder, [id]) of the one row a single-item stage writes; stage=batch locks its own rows."""
+    stage = str(cfg.stage)
+    if stage in ("collect", "pipeline"):
+        return model_dir(cfg), [str(cfg.data.id)]
+    if stage in ("analyze", "visualize"):
+        path = _attention_file(cfg)
+        return path.parent, [_stem(path)]
+    return None
 
 
 def execute(cfg: DictConfig) -> int:

@@ -47,6 +47,31 @@ def box_settings(cfg: DictConfig) -> dict:
     return json.loads(json.dumps({"logic": OmegaConf.to_container(cfg.logic, resolve=True), "heads": heads}))
 
 
+def row_source(item_id: str, prompt, image_path: str, resolved: Path) -> dict:
+    """What one row's outputs are made from, recorded in them so a rerun can tell an edited row:
+    the id, the prompt, and the image file as the row names it, with its size and modification
+    time (what make and rsync compare; copies that keep times, cp -p or rsync -a, stay current)."""
+    try:
+        stat = resolved.stat()
+        size, mtime = stat.st_size, stat.st_mtime_ns
+    except OSError:
+        size = mtime = None
+    return {"id": item_id, "prompt": prompt, "image_path": image_path, "image_bytes": size, "image_mtime_ns": mtime}
+
+
+def source_change(recorded: dict | None, now: dict) -> str | None:
+    """Why outputs recorded from `recorded` are not outputs of `now` (row_source dicts), or None."""
+    if not isinstance(recorded, dict):
+        return "made without a record of its inputs"
+    if recorded.get("prompt") != now["prompt"]:
+        return "prompt changed"
+    if recorded.get("image_path") != now["image_path"]:
+        return "image path changed"
+    if (recorded.get("image_bytes"), recorded.get("image_mtime_ns")) != (now["image_bytes"], now["image_mtime_ns"]):
+        return "image file changed"
+    return None
+
+
 def gen_kwargs(cfg: DictConfig) -> dict:
     return {"max_new_tokens": int(cfg.model.max_new_tokens), "do_sample": bool(cfg.model.do_sample),
             "num_beams": int(cfg.model.num_beams)}

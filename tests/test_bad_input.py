@@ -236,3 +236,127 @@ def readonly(tmp_path):
     yield make
     for path in mounted:
         subprocess.run(["umount", str(path)], check=False)
+
+
+# ---------------------------------------------------------------- resume keyed on content
+
+def bbox_of(out: Path, item_id: str) -> dict:
+    return json.loads((folder(out) / f"{item_id}_bbox.json").read_text())
+
+
+def test_a_row_whose_prompt_was_edited_is_redone(cli, tmp_path):
+    rows = good_rows(2)
+    data, out = rows_file(tmp_path, rows), tmp_path / "out"
+    assert cli(*batch_args(data, out))[0] == EXIT_OK
+    untouched = (folder(out) / "r1.pkl").stat().st_mtime_ns
+    rows[0]["prompt"] = "the small yellow circle ."
+    rows_file(tmp_path, rows)
+    code, log = cli(*batch_args(data, out))
+    assert code == EXIT_OK and "redoing 1 rows: prompt changed (r0)" in log
+    assert bbox_of(out, "r0")["query"] == "the small yellow circle ."
+    assert load_attention(folder(out) / "r0.pkl")["meta"]["query"] == "the small yellow circle ."
+    assert (folder(out) / "r1.pkl").stat().st_mtime_ns == untouched
+
+
+def test_a_row_whose_image_file_was_replaced_is_redone(cli, tmp_path):
+    image = tmp_path / "scene.png"
+    image.write_bytes((EXAMPLES / "toy_tall.png").read_bytes())
+    data = rows_file(tmp_path, [{"id": "a", "prompt": "the triangle .", "image_path": "scene.png"}])
+    out = tmp_path / "out"
+    assert cli(*batch_args(data, out))[0] == EXIT_OK
+    assert bbox_of(out, "a")["image_size"] == [96, 146]
+    image.write_bytes((EXAMPLES / "toy_wide.png").read_bytes())   # same path, other picture
+    code, log = cli(*batch_args(data, out))
+    assert code == EXIT_OK and "image file changed (a)" in log
+    assert bbox_of(out, "a")["image_size"] == [155, 123]
+
+
+def test_a_row_with_a_file_from_another_run_is_redone(cli, tmp_path):
+    """A mask written by a run with other settings (say, two runs at once before locks) does not
+    belong to the row's _bbox.json: the row is not complete."""
+    data, out, other = rows_file(tmp_path, good_rows(1)), tmp_path / "out", tmp_path / "other"
+    assert cli(*batch_args(data, out))[0] == EXIT_OK
+    mask = (folder(out) / "r0_mask.png").read_bytes()
+    assert cli(*batch_args(data, other, "logic.mask.threshold=mean"))[0] == EXIT_OK
+    foreign = (folder(other) / "r0_mask.png").read_bytes()
+    assert foreign != mask
+    (folder(out) / "r0_mask.png").write_bytes(foreign)
+    code, log = cli(*batch_args(data, out))
+    assert code == EXIT_OK and "files replaced since the row was finished (r0)" in log
+    assert (folder(out) / "r0_mask.png").read_bytes() == mask
+
+
+def test_a_row_missing_one_of_its_files_is_redone(cli, tmp_path):
+    data, out = rows_file(tmp_path, good_rows(1)), tmp_path / "out"
+    assert cli(*batch_args(data, out))[0] == EXIT_OK
+    (folder(out) / "r0_analysis.pkl").unlink()
+    code, log = cli(*batch_args(data, out))
+    assert code == EXIT_OK and (folder(out) / "r0_analysis.pkl").is_file()
+
+
+HOLD = """
+import sys, time
+from locks import RowLocks
+with RowLocks(sys.argv[1], sys.argv[2:]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def hold_rows():
+    """hold_rows(folder, *ids): another process holds those rows, as a running batch would."""
+    holders = []
+
+    def hold(where: Path, *ids: str):
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(where), *ids], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        holders.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+
+    yield hold
+    for proc in holders:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_run_on_rows_being_written_refuses(cli, tmp_path, hold_rows, model_loads):
+    data, out = rows_file(tmp_path, good_rows(3)), tmp_path / "out"
+    hold_rows(folder(out), "r1")
+    code, log = cli(*batch_args(data, out))
+    assert code == EXIT_NOT_RUN and "another run is writing 1 of these rows right now ('r1')" in log
+    assert model_loads == [] and not list(folder(out).glob("r*"))
+
+
+def test_runs_on_different_rows_of_one_folder_go_together(cli, tmp_path, hold_rows):
+    """Shards: another process holds r0; a run over r1 and r2 proceeds."""
+    out = tmp_path / "out"
+    hold_rows(folder(out), "r0")
+    code, _ = cli(*batch_args(rows_file(tmp_path, good_rows(3)[1:]), out))
+    assert code == EXIT_OK and (folder(out) / "r2_bbox.json").is_file()
+
+
+def test_a_single_image_run_refuses_while_its_id_is_being_written(cli, tmp_path, hold_rows):
+    out = tmp_path / "out"
+    hold_rows(folder(out), "sample")
+    code, log = cli("stage=pipeline", *TOY, f"data.output_dir={out}", f"data.image_file={EXAMPLES / 'toy_tall.png'}",
+                    "data.query=the triangle .")
+    assert code == EXIT_NOT_RUN and "('sample')" in log
+
+
+def failures_of(out: Path) -> dict[str, str]:
+    path = folder(out) / "failures.jsonl"
+    return {json.loads(l)["id"]: json.loads(l)["error"] for l in path.read_text().splitlines()} if path.exists() else {}
+
+
+def test_a_clean_run_of_another_jsonl_keeps_the_failure_list(cli, tmp_path):
+    out = tmp_path / "out"
+    broken = [{"id": "gone", "prompt": "the square .", "image_path": "no.png"}]
+    first = rows_file(tmp_path, good_rows(1) + broken, "first.jsonl")
+    assert cli(*batch_args(first, out))[0] == EXIT_ROWS_FAILED
+    second = rows_file(tmp_path, [dict(good_rows(2)[1], id="other")], "second.jsonl")
+    assert cli(*batch_args(second, out))[0] == EXIT_OK
+    assert set(failures_of(out)) == {"gone"}
+    broken[0]["image_path"] = str(EXAMPLES / "toy_square.png")   # fixed: the rerun clears its entry
+    rows_file(tmp_path, good_rows(1) + broken, "first.jsonl")
+    assert cli(*batch_args(first, out))[0] == EXIT_OK
+    assert failures_of(out) == {}
