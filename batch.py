@@ -22,8 +22,9 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig
 
-from collector import collect, load_attention, load_image, save_attention
+from collector import collect, load_attention, save_attention
 from dataio import InputError, atomic_write_text, file_stamps, resolve_path, safe_output_path
+from images import load_image
 from locks import RowLocks
 from outputs import run_analysis, write_outputs
 import settings

@@ -35,18 +35,6 @@ log = logging.getLogger(__name__)
 FORMAT = "localization-heads/attention-v1"
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """RGB image or InputError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image not found; check data.image_file / image_path")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises several types for broken files
-        raise InputError(f"{path}: cannot read image ({e.__class__.__name__}: {e})") from None
-
-
 def check_query(query) -> str:
     if not isinstance(query, str) or not query.strip():
         raise InputError(f"empty query {query!r}; pass a referring expression (data.query / prompt)")

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 import analyze as analysis
 import bbox
 import viz
-from collector import load_image
+from images import load_image
 from dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, file_stamps, safe_output_path
 from settings import box_settings, fixed_heads
 

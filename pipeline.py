@@ -25,8 +25,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import analyze as analysis
-from collector import collect, load_attention, load_image, save_attention
+from collector import collect, load_attention, save_attention
 from dataio import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, safe_output_path
+from images import load_image
 from locks import RowLocks
 from outputs import load_analysis, run_analysis, write_outputs
 import settings
