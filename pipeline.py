@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -147,6 +148,17 @@ def stage_batch(cfg: DictConfig) -> dict:
 
 
 # ---------------------------------------------------------------- entrypoint
+
+def override(key: str, value: str) -> str:
+    """`key=value` that Hydra's override grammar reads back as exactly `value` (commas, quotes,
+    parentheses, brackets, `${`, unicode): single-quoted, with quotes and the backslashes before
+    them or at the end escaped, and `${` escaped so it is not interpolated. For scripts; README
+    "Quoting" shows the same by hand."""
+    text = re.sub(r"(\\*)'", lambda m: 2 * m.group(1) + "\\'", str(value))
+    text = re.sub(r"(\\+)$", lambda m: 2 * m.group(1), text)
+    text = re.sub(r"(\\*)\$\{", lambda m: 2 * m.group(1) + "\\${", text)
+    return f"{key}='{text}'"
+
 
 def compose(*overrides: str) -> DictConfig:
     """The config `python pipeline.py <overrides>` would run with (for scripts and tests)."""
