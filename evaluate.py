@@ -4,6 +4,8 @@ Boxes are xyxy in original-image pixels with continuous coordinates and the half
 (a box [x0, y0, x1, y1] covers x0 <= x < x1), so area = (x1 - x0) * (y1 - y0) with no "+1".
 Every ground-truth row counts in the denominator: a missing prediction file, an unreadable one,
 or a null box scores IoU 0 and is listed, so a run that crashes on hard items cannot look better.
+A prediction made from other inputs than the JSONL row (its prompt or image file changed since;
+recorded as `source` in <id>_bbox.json) is stale: IoU 0, listed, never scored as ok.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dataio import InputError, atomic_write_json, atomic_write_text, read_jsonl, safe_output_path
+from dataio import InputError, atomic_write_json, atomic_write_text, read_jsonl, resolve_path, safe_output_path
+from settings import row_source, source_change
 
 THRESHOLDS = (0.25, 0.5, 0.75)
 MAX_LISTED = 100  # evaluation.json stays readable on a 10k-row split; the CSV has every row
@@ -51,13 +54,14 @@ class GroundTruth:
     id: str
     bbox: tuple[float, float, float, float]
     size: tuple[int, int] | None  # (width, height) when the JSONL has them
+    source: dict | None = None    # settings.row_source of the row, when it has prompt and image_path
 
 
 @dataclass(frozen=True)
 class RowResult:
     id: str
     iou: float
-    status: str  # ok | missing | failed | no_box
+    status: str  # ok | missing | failed | no_box | stale
     reason: str = ""
     size_mismatch: bool = False
 
@@ -81,7 +85,10 @@ def load_ground_truth(data_file: str | Path) -> list[GroundTruth]:
                              f"in pixels with x1 >= x0 and y1 >= y0, got {box!r}")
         w, h = row.get("width"), row.get("height")
         size = (int(w), int(h)) if _is_number(w) and _is_number(h) else None
-        rows.append(GroundTruth(item_id, tuple(float(v) for v in box), size))
+        prompt, image = row.get("prompt"), row.get("image_path")
+        source = (row_source(item_id, prompt, image, resolve_path(image, Path(data_file).parent))
+                  if isinstance(prompt, str) and isinstance(image, str) else None)
+        rows.append(GroundTruth(item_id, tuple(float(v) for v in box), size, source))
     if not rows:
         raise InputError(f"{data_file}: no rows; nothing to evaluate")
     return rows
@@ -114,6 +121,9 @@ def score_prediction(gt: GroundTruth, pred_dir: Path, failures: dict[str, str]) 
         return RowResult(gt.id, 0.0, "failed", f"unreadable {path.name}: {e}")
     if not isinstance(pred, dict) or "bbox_xyxy" not in pred:
         return RowResult(gt.id, 0.0, "failed", f"{path.name} has no 'bbox_xyxy'")
+    stale = staleness(gt, pred)
+    if stale:
+        return RowResult(gt.id, 0.0, "stale", f"{stale} since {path.name} was made; rerun stage=batch")
     box = pred["bbox_xyxy"]
     if box is None:
         return RowResult(gt.id, 0.0, "no_box", "prediction has no box")
@@ -126,10 +136,22 @@ def score_prediction(gt: GroundTruth, pred_dir: Path, failures: dict[str, str]) 
     return RowResult(gt.id, iou_xyxy(box, gt.bbox), "ok", size_mismatch=mismatch)
 
 
+def staleness(gt: GroundTruth, pred: dict) -> str | None:
+    """Why a prediction was not made from this JSONL row, or None. Predictions of other tools (no
+    `source`) are checked by their `query` when they have one."""
+    if gt.source is None:
+        return None
+    if "source" in pred:
+        return source_change(pred["source"], gt.source)
+    if "query" in pred and pred["query"] != gt.source["prompt"]:
+        return "prompt changed"
+    return None
+
+
 def summarize(results: list[RowResult], data_file: str | Path, pred_dir: str | Path) -> dict[str, Any]:
     n = len(results)
     not_ok = [r for r in results if r.status != "ok"]
-    counts = {s: sum(r.status == s for r in results) for s in ("ok", "missing", "failed", "no_box")}
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "missing", "failed", "no_box", "stale")}
     summary: dict[str, Any] = {"n": n, "missing": len(not_ok), "status_counts": counts}
     summary["missing_ids"] = [r.id for r in not_ok[:MAX_LISTED]]
     summary["missing_reasons"] = {r.id: r.reason for r in not_ok[:MAX_LISTED]}

@@ -105,9 +105,7 @@ def stage_pipeline(cfg: DictConfig) -> dict:
 
 def stage_select(cfg: DictConfig) -> dict:
     folder = Path(str(cfg.data.attention_dir)) if cfg.data.attention_dir else model_dir(cfg)
-    files = sorted(p for p in folder.glob("*.pkl") if not p.name.endswith("_analysis.pkl"))
-    if not files:
-        raise InputError(f"{folder}: no attention files (<id>.pkl); run stage=batch first or set data.attention_dir")
+    files = _voters(cfg, folder)
     tables, models, held_out = [], set(), []
     for p in files:
         record = load_attention(p)
@@ -122,7 +120,7 @@ def stage_select(cfg: DictConfig) -> dict:
                          "heads must be selected on training data (logic.select.allow_non_train=true to override)")
     result = analysis.select_heads(tables, cfg.logic)
     result.update(model=sorted(m for m in models if m), logic=OmegaConf.to_container(cfg.logic, resolve=True),
-                  attention_dir=str(folder))
+                  attention_dir=str(folder), data_file=str(cfg.data.data_file) if cfg.data.data_file else None)
     atomic_write_json(folder / "selected_heads.json", result)
     rows = ["layer,head,count,frequency"] + [f"{c['layer']},{c['head']},{c['count']},{c['frequency']:.6f}"
                                              for c in result["counts"]]
@@ -130,6 +128,29 @@ def stage_select(cfg: DictConfig) -> dict:
     log.info("selected heads %s from %d samples (tau=%s) → %s", result["heads"], len(tables),
              result["tau"], folder / "selected_heads.json")
     return result
+
+
+def _voters(cfg: DictConfig, folder: Path) -> list[Path]:
+    """The attention files stage=select votes over: those of data.data_file's rows when it is
+    given, else every <id>.pkl in the folder (single-image runs included); the log says which."""
+    files = sorted(p for p in folder.glob("*.pkl") if not p.name.endswith("_analysis.pkl"))
+    if cfg.data.data_file:
+        rows = validate.jsonl_rows(Path(str(cfg.data.data_file)), required=("id",))
+        by_id = {_stem(p): p for p in files}
+        missing = [str(r["id"]) for _, r in rows if str(r["id"]) not in by_id]
+        files = [by_id[str(r["id"])] for _, r in rows if str(r["id"]) in by_id]
+        log.info("select: voting over the %d rows of %s that have an attention file in %s", len(files),
+                 cfg.data.data_file, folder)
+        if missing:
+            log.warning("select: %d rows have no attention file (failed or not run), e.g. %s", len(missing),
+                        ", ".join(missing[:5]))
+    else:
+        log.info("select: voting over all %d attention files in %s (data.data_file=<jsonl> restricts the vote "
+                 "to that file's rows)", len(files), folder)
+    if not files:
+        which = f" for the rows of {cfg.data.data_file}" if cfg.data.data_file else ""
+        raise InputError(f"{folder}: no attention files (<id>.pkl){which}; run stage=batch first or set data.attention_dir")
+    return files
 
 
 def stage_evaluate(cfg: DictConfig) -> dict:

@@ -629,3 +629,52 @@ def test_outputs_are_created_with_the_users_umask(umask, mode, cli, tmp_path):
     assert code == EXIT_OK
     files = [p for p in folder(tmp_path / "out").iterdir() if p.is_file() and not p.name.startswith(".")]
     assert files and {p.stat().st_mode & 0o777 for p in files} == {mode}
+
+
+# ---------------------------------------------------------------- select and evaluate see what they should
+
+def test_select_votes_over_the_rows_of_the_given_jsonl_only(cli, tmp_path):
+    out = tmp_path / "out"
+    data = rows_file(tmp_path, good_rows(3))
+    assert cli(*batch_args(data, out))[0] == EXIT_OK
+    assert cli("stage=pipeline", *TOY, f"data.output_dir={out}", f"data.image_file={EXAMPLES / 'toy_wide.png'}",
+               "data.query=the blue square .", "data.id=single")[0] == EXIT_OK
+    code, log = cli("stage=select", *TOY, f"data.output_dir={out}", f"data.data_file={data}")
+    selected = json.loads((folder(out) / "selected_heads.json").read_text())
+    assert code == EXIT_OK and selected["n_samples"] == 3 and f"voting over the 3 rows of {data}" in log
+    code, log = cli("stage=select", *TOY, f"data.output_dir={out}")
+    selected = json.loads((folder(out) / "selected_heads.json").read_text())
+    assert code == EXIT_OK and selected["n_samples"] == 4 and "voting over all 4 attention files" in log
+
+
+def test_evaluate_refuses_predictions_made_from_another_prompt_or_image(cli, tmp_path):
+    image = tmp_path / "scene.png"
+    image.write_bytes((EXAMPLES / "toy_wide.png").read_bytes())
+    rows = [dict(r, bbox=[9, 49, 66, 106]) for r in good_rows(3)]
+    rows[2]["image_path"] = "scene.png"
+    data, out = rows_file(tmp_path, rows), tmp_path / "out"
+    assert cli(*batch_args(data, out))[0] == EXIT_OK
+    rows[0]["prompt"] = "the small circle ."                          # edited after the batch ran
+    rows_file(tmp_path, rows)
+    image.write_bytes((EXAMPLES / "toy_tall.png").read_bytes())       # replaced after the batch ran
+    assert cli("stage=evaluate", *TOY, f"data.output_dir={out}", f"data.data_file={data}")[0] == EXIT_OK
+    evaluation = json.loads((folder(out) / "evaluation.json").read_text())
+    assert evaluation["status_counts"]["stale"] == 2 and evaluation["status_counts"]["ok"] == 1
+    assert evaluation["missing_reasons"]["r0"].startswith("prompt changed since r0_bbox.json was made")
+    assert evaluation["missing_reasons"]["r2"].startswith("image file changed")
+
+
+def test_an_unreachable_model_fails_in_seconds_not_after_retries(cli, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")          # nothing listens: no network
+    args = ["stage=pipeline", "model.name=nobody/not-a-cached-model", f"data.output_dir={tmp_path}",
+            f"data.image_file={EXAMPLES / 'toy_tall.png'}", "data.query=the triangle ."]
+    start = time.monotonic()
+    code, log = cli(*args)
+    assert code == EXIT_NOT_RUN and time.monotonic() - start < 10
+    assert "is not a local folder and not in the Hugging Face cache, and 127.0.0.1:9 cannot be reached" in log
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, log = cli(*args)
+    assert code == EXIT_NOT_RUN and "HF_HUB_OFFLINE is set" in log
