@@ -77,12 +77,13 @@ def run_batch(cfg: DictConfig) -> dict:
         rebox, todo = plan(out_dir, rows, cfg, figure)
         log.info("batch: %d rows: %d complete, %d to redo from saved attention, %d to run through the model → %s",
                  len(rows), len(rows) - len(rebox) - len(todo), len(rebox), len(todo), out_dir)
+        listed = False
         try:
             written = process(out_dir, rebox, todo, cfg, figure, failures)
         finally:   # interrupted or not, the failures so far are listed
-            record_failures(out_dir, Path(str(cfg.data.data_file)).resolve(), rows, failures, locks)
+            listed = record_failures(out_dir, Path(str(cfg.data.data_file)).resolve(), rows, failures, locks)
     log.info("batch: %d written, %d failed%s", written, len(failures),
-             f" (listed in {out_dir / FAILURES})" if failures else "")
+             f" (listed in {out_dir / FAILURES})" if failures and listed else "")
     return {"rows": len(rows), "written": written, "failed": len(failures), "out_dir": str(out_dir)}
 
 
@@ -286,10 +287,11 @@ def failure(row: Row, error: str) -> dict:
     return {"id": row.id, "error": error, "line": row.lineno}
 
 
-def record_failures(out_dir: Path, data_file: Path, rows: list[Row], failures: list[dict], locks: RowLocks) -> None:
+def record_failures(out_dir: Path, data_file: Path, rows: list[Row], failures: list[dict], locks: RowLocks) -> bool:
     """failures.jsonl lists the failed rows of every run into this folder: a run replaces the
     entries of its own rows (its data file, its ids) and keeps all others, so another JSONL or
-    another shard never loses its list. The failures are logged first, so a full disk loses nothing."""
+    another shard never loses its list. The failures are logged first, so a full disk loses
+    nothing; returns whether the file could be updated."""
     for f in failures:
         log.error("failed %s (line %d): %s", f["id"], f["line"], f["error"])
     path, mine = out_dir / FAILURES, {r.id for r in rows}
@@ -304,6 +306,8 @@ def record_failures(out_dir: Path, data_file: Path, rows: list[Row], failures: l
                 path.unlink()
     except OSError as e:
         log.error("could not update %s (%s); the failed rows are listed above", path, e)
+        return False
+    return True
 
 
 def read_failures(path: Path) -> list[dict]:

@@ -221,25 +221,52 @@ def test_an_unwritable_model_folder_stops_the_run_before_the_model_loads(cli, tm
 
 
 @pytest.fixture
-def readonly(tmp_path):
-    """readonly(path): make `path` a read-only folder, even for root (a read-only tmpfs), or skip."""
-    import os
-
+def mounts():
+    """mount(path, options): a small tmpfs at `path` (read-only, or nearly full), or skip where
+    this process may not mount; unmounted afterwards."""
     mounted = []
 
-    def make(path: Path):
+    def mount(path: Path, options: str):
         path.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() != 0:
-            path.chmod(0o555)
-            return
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
         if result.returncode != 0:
-            pytest.skip("root cannot be denied writing without mounting a read-only file system, and mount failed")
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()})")
         mounted.append(path)
 
-    yield make
+    yield mount
     for path in mounted:
         subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.fixture
+def readonly(mounts):
+    """readonly(path): make `path` a read-only folder, even for root (a read-only tmpfs)."""
+    import os
+
+    def make(path: Path):
+        if os.geteuid() != 0:
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o555)
+        else:
+            mounts(path, "ro,size=1m")
+
+    return make
+
+
+def test_a_full_disk_fails_rows_not_the_run_and_a_rerun_completes(cli, tmp_path, mounts):
+    """Room for a few of the 12 rows: the rest fail (exit 3, each listed in the log even though
+    failures.jsonl cannot be written either); with room again a rerun finishes them all."""
+    out = tmp_path / "out"
+    mounts(folder(out), "size=128k")
+    args = batch_args(rows_file(tmp_path, good_rows(12)), out, f"hydra.run.dir={tmp_path / 'hydra'}")
+    code, log = cli(*args)
+    assert code == EXIT_ROWS_FAILED and "No space left on device" in log
+    finished = len(list(folder(out).glob("*_bbox.json")))
+    assert 0 < finished < 12
+    subprocess.run(["mount", "-o", "remount,size=4m", str(folder(out))], check=True)
+    code, log = cli(*args)
+    assert code == EXIT_OK and f"{finished} complete" in log
+    assert len(list(folder(out).glob("*_bbox.json"))) == 12
 
 
 # ---------------------------------------------------------------- resume keyed on content
