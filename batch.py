@@ -77,7 +77,6 @@ def run_batch(cfg: DictConfig) -> dict:
         rebox, todo = plan(out_dir, rows, cfg, figure)
         log.info("batch: %d rows: %d complete, %d to redo from saved attention, %d to run through the model → %s",
                  len(rows), len(rows) - len(rebox) - len(todo), len(rebox), len(todo), out_dir)
-        listed = False
         try:
             written = process(out_dir, rebox, todo, cfg, figure, failures)
         finally:   # interrupted or not, the failures so far are listed
@@ -163,22 +162,31 @@ def process(out_dir: Path, rebox: list[Row], todo: list[Row], cfg: DictConfig, f
     analysis, boxes and figures run on one writer thread while the model works on the next batch."""
     dtype, batch_size = attn_dtype(cfg), int(cfg.data.batch_size)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
-    pending: deque[tuple[Row, Future]] = deque(
-        (row, writer.submit(finish_row, out_dir, row, None, cfg, dtype, bool(figure))) for row in rebox)
+    pending: deque[tuple[Row, Future]] = deque()
+    rebox_left = deque(rebox)
+
+    def finish_later(row: Row, record: dict | None) -> None:
+        pending.append((row, writer.submit(finish_row, out_dir, row, record, cfg, dtype, bool(figure))))
+
     batches = decoded_batches(todo, batch_size, int(cfg.data.num_workers))
     written = 0
     try:
         if todo:
+            validate.check_model(cfg)
             adapter = settings.load_adapter_from(cfg)
             for batch in batches:
                 for row, record_or_error in collect_batch(adapter, batch, cfg):
                     if isinstance(record_or_error, str):
                         failures.append(failure(row, record_or_error))
                     else:
-                        pending.append((row, writer.submit(finish_row, out_dir, row, record_or_error, cfg, dtype,
-                                                           bool(figure))))
+                        finish_later(row, record_or_error)
+                # Rows redone from saved attention share the writer, a batch of them per model batch.
+                for _ in range(min(batch_size, len(rebox_left))):
+                    finish_later(rebox_left.popleft(), None)
                 # The model runs ahead of the writer by two batches at most: each row holds its attention.
                 written += drain(pending, failures, keep=2 * batch_size)
+        while rebox_left:
+            finish_later(rebox_left.popleft(), None)
         written += drain(pending, failures, keep=0)
     except KeyboardInterrupt:
         writer.shutdown(wait=True, cancel_futures=True)   # the row being written finishes; queued ones are dropped

@@ -24,8 +24,10 @@ def model_path(name: str) -> str:
 
 
 def sanitize(name: str) -> str:
+    """The output subfolder of a model: a local folder's name (also once the folder is gone, so
+    its outputs are still found), or the hub id with '/' → '-'."""
     p = Path(name)
-    stem = p.name if p.is_dir() else name
+    stem = p.name if p.is_dir() or p.is_absolute() or name.startswith((".", "~")) else name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
 
 

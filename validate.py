@@ -126,19 +126,19 @@ def input_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def output_folder(cfg: DictConfig) -> Path | None:
-    """The folder the stage writes into; None when it only writes into an input's own folder."""
-    stage = str(cfg.stage)
+def output_folder(cfg: DictConfig) -> tuple[Path, str] | None:
+    """(the folder the stage writes into, the key that chooses it); None if there is none yet."""
+    stage, data = str(cfg.stage), cfg.data
     if stage in ("collect", "pipeline", "batch"):
-        return model_dir(cfg)
+        return model_dir(cfg), "data.output_dir"
     if stage == "select":
-        return Path(str(cfg.data.attention_dir)) if cfg.data.attention_dir else model_dir(cfg)
+        return (Path(str(data.attention_dir)), "data.attention_dir") if data.attention_dir else (model_dir(cfg), "data.output_dir")
     if stage == "evaluate":
-        return Path(str(cfg.data.pred_dir)) if cfg.data.pred_dir else model_dir(cfg)
-    return Path(str(cfg.data.attention_file)).parent if cfg.data.attention_file else None
+        return (Path(str(data.pred_dir)), "data.pred_dir") if data.pred_dir else (model_dir(cfg), "data.output_dir")
+    return (Path(str(data.attention_file)).parent, "data.attention_file") if data.attention_file else None
 
 
-def folder_problem(folder: Path, create: bool) -> str | None:
+def folder_problem(folder: Path, create: bool, key: str = "data.output_dir") -> str | None:
     """Write (and remove) a probe file, so a read-only or full folder is found before the model runs."""
     try:
         if create:
@@ -150,7 +150,7 @@ def folder_problem(folder: Path, create: bool) -> str | None:
             f.write(b"probe")
         probe.unlink()
     except OSError as e:
-        return f"{folder}: cannot write outputs here ({e.strerror or e}); choose another data.output_dir"
+        return f"{folder}: cannot write outputs here ({e.strerror or e}); choose another {key}"
     return None
 
 
@@ -165,11 +165,15 @@ class OutputRootCheck(Callback):
             sys.exit(2)
 
 
+def check_model(cfg: DictConfig) -> None:
+    """Call before loading the model: a hub id that is not cached and cannot be fetched fails now,
+    in a second, instead of after the hub client's retries (~30 s of warnings without a network)."""
+    problem = model_problem(cfg)
+    if problem:
+        raise InputError(problem)
+
+
 def model_problem(cfg: DictConfig) -> str | None:
-    """A hub id that is not cached and cannot be fetched fails now, in a second, instead of after
-    the hub client's retries (~30 s of warnings without a network)."""
-    if str(cfg.stage) not in ("collect", "pipeline", "batch"):
-        return None
     name = model_path(str(cfg.model.name))
     if Path(name).expanduser().is_dir():
         return None
@@ -196,12 +200,16 @@ def model_problem(cfg: DictConfig) -> str | None:
 
 def check_config(cfg: DictConfig) -> None:
     """Everything about `cfg` that can be known before a model loads or a row runs."""
+    stage = str(cfg.stage)
     problems = config_problems(cfg) + input_problems(cfg)
-    folder = output_folder(cfg)
-    if folder is not None:
-        problems += filter(None, [folder_problem(folder, create=str(cfg.stage) in ("collect", "pipeline", "batch"))])
-    if not problems:   # the network probe only for an otherwise runnable config
-        problems += filter(None, [model_problem(cfg)])
+    written = output_folder(cfg)
+    if written is not None:
+        folder, key = written
+        problems.append(folder_problem(folder, stage in ("collect", "pipeline", "batch"), key))
+    # The model: here for the single-item stages; stage=batch checks it only if a row needs it.
+    if not any(problems) and stage in ("collect", "pipeline"):
+        problems.append(model_problem(cfg))
+    problems = [p for p in problems if p]
     if problems:
         raise _problems_error("config", problems)
 

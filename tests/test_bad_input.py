@@ -705,3 +705,17 @@ def test_an_unreachable_model_fails_in_seconds_not_after_retries(cli, tmp_path, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, log = cli(*args)
     assert code == EXIT_NOT_RUN and "HF_HUB_OFFLINE is set" in log
+
+
+def test_a_rerun_that_needs_no_model_runs_without_it(cli, tmp_path):
+    """Outputs copied to a machine without the model: new logic is applied from the saved attention."""
+    import shutil
+
+    model = tmp_path / "toy-llava"
+    shutil.copytree(REPO / "models" / "toy-llava", model)
+    data, out = rows_file(tmp_path, good_rows(2)), tmp_path / "out"
+    assert cli(*batch_args(data, out, f"model.name={model}"))[0] == EXIT_OK
+    shutil.rmtree(model)
+    code, log = cli(*batch_args(data, out, f"model.name={model}", "logic.mask.threshold=mean"))
+    assert code == EXIT_OK and "2 to redo from saved attention, 0 to run through the model" in log, log
+    assert bbox_of(out, "r0")["settings"]["logic"]["mask"]["threshold"] == "mean"
