@@ -558,7 +558,7 @@ def assert_same_outputs(got: Path, expected: Path) -> None:
             assert a.read_bytes() == b.read_bytes(), name
 
 
-def test_kill_9_leaves_no_process_behind_and_a_rerun_completes_the_run(long_run, tmp_path):
+def test_kill_9_leaves_no_process_behind_and_a_rerun_completes_the_run(long_run, tmp_path, cli):
     import os
     import signal
     import time
@@ -572,11 +572,11 @@ def test_kill_9_leaves_no_process_behind_and_a_rerun_completes_the_run(long_run,
     time.sleep(2)
     with pytest.raises(ProcessLookupError):   # no image-decoding worker (or anything else) survived
         os.killpg(proc.pid, 0)
-    assert subprocess_cli(*batch_args(data, out)).returncode == EXIT_OK
+    assert cli(*batch_args(data, out))[0] == EXIT_OK
     assert_same_outputs(folder(out), reference)
 
 
-def test_ctrl_c_stops_within_seconds_without_a_traceback_and_a_rerun_completes_the_run(long_run, tmp_path):
+def test_ctrl_c_stops_within_seconds_without_a_traceback_and_a_rerun_completes_the_run(long_run, tmp_path, cli):
     import os
     import signal
     import time
@@ -593,8 +593,8 @@ def test_ctrl_c_stops_within_seconds_without_a_traceback_and_a_rerun_completes_t
     assert "Traceback" not in text and "interrupted" in text
     finished = len(list(folder(out).glob("*_bbox.json")))
     assert finished < 48, "the run went on after Ctrl-C"
-    rerun = subprocess_cli(*batch_args(data, out))
-    assert rerun.returncode == EXIT_OK and f"{finished} complete" in rerun.stdout + rerun.stderr
+    code, log = cli(*batch_args(data, out))
+    assert code == EXIT_OK and f"{finished} complete" in log
     assert_same_outputs(folder(out), reference)
 
 
