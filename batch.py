@@ -62,8 +62,9 @@ def select_rows(cfg: DictConfig) -> list[Row]:
     selected = []
     for lineno, row in rows:
         item_id, image = str(row["id"]), resolve_path(row["image_path"], data_file.parent)
-        selected.append(Row(lineno, item_id, row["prompt"], image, row_source(item_id, row["prompt"], row["image_path"], image),
-                            str(row["split"]) if "split" in row else None))
+        source = row_source(item_id, row["prompt"], row["image_path"], image)
+        split = str(row["split"]) if "split" in row else None
+        selected.append(Row(lineno, item_id, row["prompt"], image, source, split))
     return selected
 
 
