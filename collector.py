@@ -36,18 +36,6 @@ log = logging.getLogger(__name__)
 FORMAT = "localization-heads/attention-v1"
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """RGB image or InputError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image not found; check data.image_file / image_path")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises several types for broken files
-        raise InputError(f"{path}: cannot read image ({e.__class__.__name__}: {e})") from None
-
-
 def check_query(query) -> str:
     if not isinstance(query, str) or not query.strip():
         raise InputError(f"empty query {query!r}; pass a referring expression (data.query / prompt)")
@@ -196,6 +184,9 @@ def load_attention(path: str | Path) -> dict:
         attn = attn.unsqueeze(2)
     if attn.dim() != 4 or attn.shape[2] != 1:
         raise InputError(f"{path}: 'attn' has shape {tuple(attn.shape)}, expected [L, H, 1, V]")
+    if not torch.isfinite(attn).all():   # one NaN would drop τ to 0 and pass every head
+        raise InputError(f"{path}: 'attn' holds {int((~torch.isfinite(attn)).sum())} NaN/inf values; "
+                         "the file is damaged: collect it again")
     meta = _complete_meta(dict(obj["meta"]), attn, path)
     return {"attn": attn, "meta": meta}
 

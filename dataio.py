@@ -4,9 +4,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
+
+# File names are at most 255 bytes. The longest name made from an id is the temp file of its
+# analysis, ".<id>_analysis.pkl.<8 hex>.tmp" (id + 27 bytes); 200 leaves room for new outputs.
+MAX_ID_BYTES = 200
+# "<id>_analysis.pkl" is both the analysis of <id> and the attention file of "<id>_analysis", so
+# no id may end so. (No other output suffix ends in another one: _mask.png, _top{K}.png, _bbox.json.)
+RESERVED_ID_ENDINGS = ("_analysis",)
 
 
 class InputError(ValueError):
@@ -43,16 +50,19 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tup
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename, so a crash never leaves a half file."""
+    """Write via a temp file in the same folder + rename, so a crash never leaves a half file.
+    The file gets mode 0666 minus the umask, like any file the user creates (mkstemp's 0600 would
+    hide outputs from colleagues on a shared server)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -65,11 +75,41 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+def file_stamps(folder: str | Path, names: list[str]) -> dict[str, list[int]]:
+    """{name: [size, mtime_ns]} of files in `folder`: a row's _bbox.json records its other files
+    so that a file replaced later (another run, a copy, a half-finished rerun) is noticed."""
+    stamps = {}
+    for name in names:
+        stat = (Path(folder) / name).stat()
+        stamps[name] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def id_problem(item_id: str) -> str | None:
+    """Why `item_id` cannot name output files (and what to do), or None when it can."""
+    if not item_id:
+        return "id is empty; give every row a non-empty id"
+    if "/" in item_id or "\\" in item_id or item_id.startswith("."):
+        return f"id {item_id!r} is not a plain file name; ids may not contain '/' or '\\' or start with '.'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in item_id):
+        return f"id {item_id!r} contains a control character; remove it"
+    size = len(item_id.encode("utf-8"))
+    if size > MAX_ID_BYTES:
+        return f"id {item_id[:20]!r}... is {size} bytes long (UTF-8); shorten it to at most {MAX_ID_BYTES}"
+    for ending in RESERVED_ID_ENDINGS:
+        if item_id.endswith(ending):
+            return (f"id {item_id!r} ends in {ending!r}, which names another id's output "
+                    f"({item_id[:-len(ending)]}{ending}.pkl); rename it")
+    return None
+
+
 def safe_output_path(root: str | Path, item_id: str, suffix: str) -> Path:
-    """root/<item_id><suffix>, refusing ids that would escape root ("../x", "/abs", "a/b")."""
+    """root/<item_id><suffix>, refusing ids that would escape root ("../x", "/abs", "a/b") or
+    name another id's file."""
     item_id = str(item_id)
-    if not item_id or item_id in (".", "..") or "/" in item_id or "\\" in item_id or "\0" in item_id:
-        raise InputError(f"id {item_id!r} is not a plain file name; ids may not contain '/', '\\' or be '..'")
+    problem = id_problem(item_id)
+    if problem:
+        raise InputError(problem)
     return Path(root) / f"{item_id}{suffix}"
 
 

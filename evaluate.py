@@ -12,6 +12,9 @@ cocomask.py). cIoU = Σ intersection / Σ union over all rows with a segmentatio
 metric: large objects weigh more); mask mIoU = the mean of the per-row IoUs. A missing or unusable
 predicted mask counts as an empty mask (intersection 0, union the ground truth's area) and scores IoU 0;
 an empty ground truth scores IoU 1 against an empty predicted mask (nothing there, nothing found).
+
+A prediction made from other inputs than the JSONL row (its prompt or image file changed since;
+recorded as `source` in <id>_bbox.json) is stale: IoU 0, listed, never scored as ok.
 """
 from __future__ import annotations
 
@@ -27,9 +30,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 import cocomask
-from dataio import InputError, atomic_write_json, atomic_write_text, read_jsonl, safe_output_path
+from dataio import InputError, atomic_write_json, atomic_write_text, read_jsonl, resolve_path, safe_output_path
 from progress import track
-from shards import failure_files
+from settings import row_source, source_change
 
 THRESHOLDS = (0.25, 0.5, 0.75)
 MAX_LISTED = 100  # evaluation.json stays readable on a 10k-row split; the CSV has every row
@@ -67,13 +70,14 @@ class GroundTruth:
     size: tuple[int, int] | None  # (width, height) when the JSONL has them
     segmentation: Any = None  # COCO RLE dict or polygons (RES rows); None: box evaluation only
     where: str = ""  # "<data_file>:<line>", for errors in the segmentation found while scoring
+    source: dict | None = None    # settings.row_source of the row, when it has prompt and image_path
 
 
 @dataclass(frozen=True)
 class RowResult:
     id: str
     iou: float
-    status: str  # ok | missing | failed | no_box
+    status: str  # ok | missing | failed | no_box | stale
     reason: str = ""
     size_mismatch: bool = False
 
@@ -100,22 +104,27 @@ def load_ground_truth(data_file: str | Path) -> list[GroundTruth]:
         segmentation = row.get("segmentation")
         if segmentation is not None:
             _check_segmentation(segmentation, size, f"{data_file}:{lineno}")
-        rows.append(GroundTruth(item_id, tuple(float(v) for v in box), size, segmentation, f"{data_file}:{lineno}"))
+        prompt, image = row.get("prompt"), row.get("image_path")
+        source = (row_source(item_id, prompt, image, resolve_path(image, Path(data_file).parent))
+                  if isinstance(prompt, str) and isinstance(image, str) else None)
+        rows.append(GroundTruth(item_id, tuple(float(v) for v in box), size, segmentation, f"{data_file}:{lineno}", source))
     if not rows:
         raise InputError(f"{data_file}: no rows; nothing to evaluate")
     return rows
 
 
 def load_failures(pred_dir: str | Path) -> dict[str, str]:
-    """id -> error from <pred_dir>/failures.jsonl and every shard's failures.shard-<i>-of-<N>.jsonl;
-    a torn last line (crash mid-append) keeps what came before."""
+    """id -> error from <pred_dir>/failures.jsonl (every run's and shard's failed rows); a torn last
+    line (crash mid-append) keeps what came before."""
+    path = Path(pred_dir) / "failures.jsonl"
     reasons: dict[str, str] = {}
-    for path in failure_files(pred_dir):
-        try:
-            for _, row in read_jsonl(path, required=("id",)):
-                reasons[str(row["id"])] = str(row.get("error", "unknown error"))
-        except InputError:
-            pass
+    if not path.is_file():
+        return reasons
+    try:
+        for _, row in read_jsonl(path, required=("id",)):
+            reasons[str(row["id"])] = str(row.get("error", "unknown error"))
+    except InputError:
+        pass
     return reasons
 
 
@@ -132,6 +141,9 @@ def score_prediction(gt: GroundTruth, pred_dir: Path, failures: dict[str, str]) 
         return RowResult(gt.id, 0.0, "failed", f"unreadable {path.name}: {e}")
     if not isinstance(pred, dict) or "bbox_xyxy" not in pred:
         return RowResult(gt.id, 0.0, "failed", f"{path.name} has no 'bbox_xyxy'")
+    stale = staleness(gt, pred)
+    if stale:
+        return RowResult(gt.id, 0.0, "stale", f"{stale} since {path.name} was made; rerun stage=batch")
     box = pred["bbox_xyxy"]
     if box is None:
         return RowResult(gt.id, 0.0, "no_box", "prediction has no box")
@@ -150,7 +162,7 @@ class MaskResult:
     inter: int  # pixels in both masks
     union: int  # pixels in either
     iou: float
-    status: str  # ok | missing | failed (missing/failed: scored as an empty mask)
+    status: str  # ok | missing | failed | stale (all but ok: scored as an empty mask)
     reason: str = ""
 
 
@@ -199,8 +211,8 @@ def score_mask(gt: GroundTruth, pred_dir: Path, box: RowResult) -> MaskResult:
     def empty(status: str, reason: str) -> MaskResult:
         return MaskResult(gt.id, 0, area, 0.0, status, reason)
 
-    if not safe_output_path(pred_dir, gt.id, "_bbox.json").is_file():
-        return empty(box.status, box.reason)  # the row never finished: its mask file, if any, is not trusted
+    if box.status == "stale" or not safe_output_path(pred_dir, gt.id, "_bbox.json").is_file():
+        return empty(box.status, box.reason)  # made from other inputs, or never finished: its mask is not trusted
     path = safe_output_path(pred_dir, gt.id, "_mask.png")
     if not path.is_file():
         return empty("missing", f"no {path.name}")
@@ -225,16 +237,28 @@ def summarize_masks(masks: list[MaskResult]) -> dict[str, Any]:
         "mask_n": n,
         "ciou": inter / union if union else None,
         "mask_miou": sum(m.iou for m in masks) / n if n else None,
-        "mask_status_counts": {s: sum(m.status == s for m in masks) for s in ("ok", "missing", "failed")},
+        "mask_status_counts": {s: sum(m.status == s for m in masks) for s in ("ok", "missing", "failed", "stale")},
         "mask_missing_ids": [m.id for m in not_ok[:MAX_LISTED]],
         "mask_missing_reasons": {m.id: m.reason for m in not_ok[:MAX_LISTED]},
     }
 
 
+def staleness(gt: GroundTruth, pred: dict) -> str | None:
+    """Why a prediction was not made from this JSONL row, or None. Predictions of other tools (no
+    `source`) are checked by their `query` when they have one."""
+    if gt.source is None:
+        return None
+    if "source" in pred:
+        return source_change(pred["source"], gt.source)
+    if "query" in pred and pred["query"] != gt.source["prompt"]:
+        return "prompt changed"
+    return None
+
+
 def summarize(results: list[RowResult], data_file: str | Path, pred_dir: str | Path) -> dict[str, Any]:
     n = len(results)
     not_ok = [r for r in results if r.status != "ok"]
-    counts = {s: sum(r.status == s for r in results) for s in ("ok", "missing", "failed", "no_box")}
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "missing", "failed", "no_box", "stale")}
     summary: dict[str, Any] = {"n": n, "missing": len(not_ok), "status_counts": counts}
     summary["missing_ids"] = [r.id for r in not_ok[:MAX_LISTED]]
     summary["missing_reasons"] = {r.id: r.reason for r in not_ok[:MAX_LISTED]}

@@ -12,9 +12,9 @@ import analyze as analysis
 import bbox
 import refine
 import viz
-from collector import load_image
+from images import load_image
 from layout import analysis_record
-from dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, safe_output_path
+from dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, file_stamps, safe_output_path
 from settings import box_settings, fixed_heads
 
 
@@ -66,6 +66,8 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
     heads, source = heads_for(result, record, cfg)
     loc = bbox.localize(record["attn"], record["meta"], [(h["layer"], h["head"]) for h in heads], cfg.logic)
     mask, refinement = refine.refine(refiner or refine.load_refiner(cfg), loc, record["meta"], cfg.logic.mask)
+    suffixes = [".pkl", "_analysis.pkl", "_mask.png"] + (["_mask_coarse.png"] if refinement is not None else []) \
+        + ([figure_suffix(cfg)] if figure else [])
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_analysis.pkl"), pickle.dumps(result))
     refine.write_masks(out_dir, item_id, loc["mask"], mask, refined=refinement is not None)
     if figure:
@@ -88,6 +90,8 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
         "refinement": refinement,
         "settings": box_settings(cfg),
         "collect_settings": record["meta"].get("collect_settings"),
+        "source": record["meta"].get("source"),   # the row's inputs (settings.row_source)
+        "row_files": file_stamps(out_dir, [f"{item_id}{s}" for s in suffixes]),
     }
     # The bbox file is written last: its presence marks the item complete (batch resume).
     atomic_write_json(safe_output_path(out_dir, item_id, "_bbox.json"), summary)

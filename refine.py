@@ -29,7 +29,7 @@ from PIL import Image
 
 import bbox
 import viz
-from collector import load_image
+from images import load_image
 from dataio import InputError, atomic_write_bytes, safe_output_path
 
 log = logging.getLogger("refine")

@@ -24,7 +24,6 @@ import html
 import io
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -41,7 +40,8 @@ import analyze
 import evaluate
 import viz
 from bbox import combine_heads, grid_to_image
-from collector import load_attention, load_image
+from collector import load_attention
+from images import load_image
 from dataio import InputError, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path
 from llava.geometry import Geometry
 from outputs import load_analysis

@@ -26,8 +26,10 @@ def model_path(name: str) -> str:
 
 
 def sanitize(name: str) -> str:
+    """The output subfolder of a model: a local folder's name (also once the folder is gone, so
+    its outputs are still found), or the hub id with '/' → '-'."""
     p = Path(name)
-    stem = p.name if p.is_dir() else name
+    stem = p.name if p.is_dir() or p.is_absolute() or name.startswith((".", "~")) else name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
 
 
@@ -37,9 +39,11 @@ def model_dir(cfg: DictConfig) -> Path:
 
 def collect_settings(cfg: DictConfig) -> dict:
     """What an attention file depends on besides its image and query (kept in its meta)."""
-    keys = ("conv_mode", "attn_capture", "use_generate", "max_new_tokens", "do_sample", "num_beams", "dtype")
-    return {"model": model_path(str(cfg.model.name)), **{k: cfg.model.get(k) for k in keys},
-            "attn_dtype": str(cfg.data.attn_dtype)}   # plain str/int/bool: survives weights-only loading
+    keys = ("family", "conv_mode", "query_at", "image_kwargs", "attn_capture", "use_generate", "max_new_tokens",
+            "do_sample", "num_beams", "dtype")
+    model = OmegaConf.to_container(cfg.model, resolve=True)   # plain data: survives weights-only loading
+    return {"model": model_path(str(cfg.model.name)), **{k: model.get(k) for k in keys},
+            "attn_dtype": str(cfg.data.attn_dtype)}
 
 
 def box_settings(cfg: DictConfig) -> dict:
@@ -47,6 +51,31 @@ def box_settings(cfg: DictConfig) -> dict:
     heads, _ = fixed_heads(cfg.logic)
     # As it reads back from <id>_bbox.json, so a rerun compares like with like.
     return json.loads(json.dumps({"logic": OmegaConf.to_container(cfg.logic, resolve=True), "heads": heads}))
+
+
+def row_source(item_id: str, prompt, image_path: str, resolved: Path) -> dict:
+    """What one row's outputs are made from, recorded in them so a rerun can tell an edited row:
+    the id, the prompt, and the image file as the row names it, with its size and modification
+    time (what make and rsync compare; copies that keep times, cp -p or rsync -a, stay current)."""
+    try:
+        stat = resolved.stat()
+        size, mtime = stat.st_size, stat.st_mtime_ns
+    except OSError:
+        size = mtime = None
+    return {"id": item_id, "prompt": prompt, "image_path": image_path, "image_bytes": size, "image_mtime_ns": mtime}
+
+
+def source_change(recorded: dict | None, now: dict) -> str | None:
+    """Why outputs recorded from `recorded` are not outputs of `now` (row_source dicts), or None."""
+    if not isinstance(recorded, dict):
+        return "made without a record of its inputs"
+    if recorded.get("prompt") != now["prompt"]:
+        return "prompt changed"
+    if recorded.get("image_path") != now["image_path"]:
+        return "image path changed"
+    if (recorded.get("image_bytes"), recorded.get("image_mtime_ns")) != (now["image_bytes"], now["image_mtime_ns"]):
+        return "image file changed"
+    return None
 
 
 def gen_kwargs(cfg: DictConfig) -> dict:

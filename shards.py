@@ -1,4 +1,4 @@
-"""Which rows a shard owns, where its failure list goes, and which GPU it runs on.
+"""Which rows a shard owns and which GPU it runs on.
 
 `data.num_shards=N data.shard=i` makes stage=batch process only shard i's rows. A row belongs to
 shard `sha256(id) mod N`. By id, not by position, because the id is what names a row's files:
@@ -8,18 +8,14 @@ the owner of `<id>_*` stays the same whatever the row's line number, whichever `
 sha256 rather than Python's `hash()`, which is salted per process. Shards are balanced only in
 expectation (±√(n/N) rows), which does not matter for throughput at dataset scale.
 
-Shards share one output folder. Per-id files cannot clash (disjoint ids); the one per-run file a
-batch writes, the failure list, is per shard: `failures.shard-<i>-of-<N>.jsonl`. Readers take
-the union (`failure_files`).
+Shards share one output folder. Per-id files cannot clash (disjoint ids); the failure list
+`failures.jsonl` is shared: each run replaces only its own rows' entries under a lock (batch.py).
 """
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-
 from dataio import InputError
 
-FAILURES = "failures.jsonl"
 
 
 def shard_of(item_id: str, num_shards: int) -> int:
@@ -47,18 +43,6 @@ def rows_of_shard(rows: list[tuple[int, dict]], num_shards, shard) -> list[tuple
     if n == 1:
         return list(rows)
     return [r for r in rows if shard_of(str(r[1]["id"]), n) == i]
-
-
-def failure_file(folder: str | Path, num_shards, shard) -> Path:
-    """failures.jsonl for an unsharded run; failures.shard-<i>-of-<N>.jsonl for shard i of N."""
-    n, i = check_shard(num_shards, shard)
-    return Path(folder) / (FAILURES if n == 1 else f"failures.shard-{i}-of-{n}.jsonl")
-
-
-def failure_files(folder: str | Path) -> list[Path]:
-    """Every failure list in a run folder (unsharded and each shard's), in a stable order."""
-    folder = Path(folder)
-    return sorted(p for p in [folder / FAILURES, *folder.glob("failures.shard-*-of-*.jsonl")] if p.is_file())
 
 
 def shard_device(device: str, shard: int, num_gpus: int) -> str:

@@ -48,6 +48,28 @@ def _box(ax, box, color, label, style="-"):
     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, ls=style, ec=color, label=label))
 
 
+FIGURE_SIDE = 512   # longest side of the image drawn: a panel is ~256 px, and a 10,000² image took 12 GB
+
+
+def _bounded(image: Image.Image, geometry: Geometry, result: dict, gt):
+    """(image, geometry, result, gt box) scaled so that the image's longest side is at most
+    FIGURE_SIDE; boxes scale with it (IoU is unchanged: both boxes scale alike)."""
+    scale = FIGURE_SIDE / max(image.size)
+    if scale >= 1:
+        return image, geometry, result, gt
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    sx, sy = size[0] / image.width, size[1] / image.height
+
+    def scaled(box):
+        return None if box is None else [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+
+    small = Geometry(geometry.method, size, geometry.grid, tuple(scaled(geometry.grid_box)))
+    mask = np.asarray(Image.fromarray(result["mask"]).resize(size, Image.NEAREST))
+    small_result = dict(result, heat=grid_to_image(result["grid_map"], small), mask=mask,
+                        bbox_xyxy=scaled(result["bbox_xyxy"]))
+    return image.resize(size, Image.BILINEAR), small, small_result, scaled(gt)
+
+
 def _frame(ax, limits):
     """Pixel-coordinate axes with no ticks; `limits` = (x0, y0, x1, y1), y downwards."""
     x0, y0, x1, y1 = limits
@@ -150,7 +172,8 @@ def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result
     the predicted box (and the ground truth, meta["gt_bbox"], with IoU), combined heat map, mask.
     Rows 1–2: each head's raw grid map and its map on the image. `heads`: analysis records
     (layer, head, spatial_entropy, attn_sum); `result`: bbox.localize's heat, mask, bbox_xyxy."""
-    geometry = Geometry.from_dict(meta["geometry"])
+    image, geometry, result, gt = _bounded(image, Geometry.from_dict(meta["geometry"]), result,
+                                           as_box(meta.get("gt_bbox")))
     maps = head_maps(attn, geometry.grid)                                    # [L·H, rows, cols]
     num_heads = attn.shape[1]
     cols = max(3, len(heads))
@@ -160,7 +183,7 @@ def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result
         ax.axis("off")
     chars = int(width_in * 72 / (0.62 * (FONT + 1)))   # header characters per line (≈0.6 em per character)
 
-    gt, pred = as_box(meta.get("gt_bbox")), result["bbox_xyxy"]
+    pred = result["bbox_xyxy"]
     top = axes[0]
     top[0].axis("on")
     _image_panel(top[0], image, geometry, "prediction" + (" vs ground truth" if gt else ""))

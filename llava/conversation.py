@@ -19,7 +19,9 @@ TEMPLATES = {
 
 
 def build_prompt(conv_mode: str, query: str, image_token: str) -> str:
-    """The model's input text for one expression; raises ValueError naming the known modes."""
+    """The model's input text for one expression; raises ValueError naming the known modes.
+    "auto" (every family's default: its own template) is "referseg" for LLaVA-1.5."""
+    conv_mode = "referseg" if conv_mode == "auto" else conv_mode
     if conv_mode not in TEMPLATES:
         raise ValueError(f"model.conv_mode={conv_mode!r} is unknown; use one of {sorted(TEMPLATES)}")
     return TEMPLATES[conv_mode].format(image=image_token, query=query.strip())

@@ -96,7 +96,7 @@ def test_evaluate_counts_missing_and_null_boxes_as_zero(tiny_run):
     assert s["missing"] == 2
     assert s["missing_ids"] == ["gone", "nobox"]
     assert s["missing_reasons"]["gone"] == "CUDA OOM"
-    assert s["status_counts"] == {"ok": 2, "missing": 0, "failed": 1, "no_box": 1}
+    assert s["status_counts"] == {"ok": 2, "missing": 0, "failed": 1, "no_box": 1, "stale": 0}
     assert s["data_file"] == str(data) and s["pred_dir"] == str(pred)
 
 

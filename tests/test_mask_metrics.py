@@ -70,7 +70,7 @@ def test_mask_miou_averages_per_row_ious(run):
     s = evaluate(data, pred)
     # disjoint 0, nested 9/36, empty prediction 0, empty truth found 1, false alarm 0, no file 0, never ran 0
     assert s["mask_miou"] == pytest.approx((0 + 0.25 + 0 + 1 + 0 + 0 + 0) / 7)
-    assert s["mask_status_counts"] == {"ok": 5, "missing": 2, "failed": 0}
+    assert s["mask_status_counts"] == {"ok": 5, "missing": 2, "failed": 0, "stale": 0}
     assert s["mask_missing_ids"] == ["no_mask_file", "never_ran"]
 
 
@@ -144,3 +144,19 @@ def test_undecodable_segmentation_names_file_line_and_key(tmp_path):
     data.write_text(json.dumps(dict(row("a", None), segmentation={"size": [10, 10], "counts": [3, 2]})) + "\n")
     with pytest.raises(InputError, match=r"d\.jsonl:1: key 'segmentation': RLE counts sum to 5"):
         evaluate(data, tmp_path / "pred")
+
+
+def test_a_stale_prediction_scores_an_empty_mask(tmp_path):
+    """A prediction made from another prompt than the JSONL row's is stale: its mask, however good,
+    counts as empty (I 0, U = the truth's area), like its box."""
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    truth = square(0, 0, 4, 4)
+    (pred / "a_bbox.json").write_text(json.dumps({"bbox_xyxy": [0, 0, 4, 4], "image_size": [10, 10],
+                                                  "query": "the old prompt"}))
+    Image.fromarray(truth.astype(np.uint8) * 255, mode="L").save(pred / "a_mask.png")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(dict(row("a", truth), prompt="the new prompt", image_path="a.png")) + "\n")
+    s = evaluate(data, pred)
+    assert s["status_counts"]["stale"] == 1
+    assert s["mask_status_counts"]["stale"] == 1 and s["ciou"] == 0.0

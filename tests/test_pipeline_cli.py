@@ -138,12 +138,12 @@ def test_attention_files_default_to_float16(hf_checkpoint, images, tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", r"data.jsonl:2: not valid JSON"),
-    ('{"id": "x", "image_path": "a.png"}', r"data.jsonl:2: missing key 'prompt'"),
+    ('{"id": "x", "image_path": "a.png"}', r"data.jsonl:2: prompt: missing"),
     ('{"id": "../x", "prompt": "a", "image_path": "a.png"}', r"id '../x' is not a plain file name"),
     ('{"id": "/abs", "prompt": "a", "image_path": "a.png"}', r"id '/abs' is not a plain file name"),
-    ('{"id": "ok", "prompt": "a", "image_path": "a.png"}', r"data.jsonl:2: duplicate id 'ok'"),
+    ('{"id": "ok", "prompt": "a", "image_path": "a.png"}', r"data.jsonl:2: id: duplicate id 'ok'"),
 ])
-def test_bad_jsonl_is_a_one_line_error(line, message, hf_checkpoint, tmp_path):
+def test_bad_jsonl_names_file_line_and_field(line, message, hf_checkpoint, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", ['{"id": "ok", "prompt": "a", "image_path": "a.png"}', line])
     with pytest.raises(InputError, match=message):
         run_stage("stage=batch", *common(hf_checkpoint, tmp_path), f"data.data_file={data}", "data.process_all=true")
@@ -153,7 +153,7 @@ def test_single_item_errors_name_the_input(hf_checkpoint, images, tmp_path):
     base = common(hf_checkpoint, tmp_path)
     with pytest.raises(InputError, match="missing.png: image not found"):
         run_stage("stage=pipeline", *base, f"data.image_file={tmp_path}/missing.png", "data.query=a")
-    with pytest.raises(InputError, match="empty query"):
+    with pytest.raises(InputError, match="data.query=. .: give a non-empty referring expression"):
         run_stage("stage=pipeline", *base, f"data.image_file={images['wide']}", "data.query=' '")
     not_attention = tmp_path / "list.pkl"
     not_attention.write_bytes(pickle.dumps([1, 2, 3]))

@@ -15,7 +15,7 @@ import bbox
 import evaluate
 import pipeline
 import refine
-from collector import load_image
+from images import load_image
 from dataio import InputError
 from tests import tiny_sam
 from tests.conftest import write_jsonl
@@ -219,4 +219,4 @@ def test_refined_batch_scores_with_ciou(hf_checkpoint, sam_checkpoint, images, t
     pred = read_mask(folder / "w1_mask.png")
     inter, union = (pred & truth).sum(), (pred | truth).sum()
     assert summary["ciou"] == pytest.approx(inter / (union + truth.sum()))   # the failed row adds its truth to the union
-    assert summary["mask_status_counts"] == {"ok": 1, "missing": 0, "failed": 1}
+    assert summary["mask_status_counts"] == {"ok": 1, "missing": 0, "failed": 1, "stale": 0}

@@ -58,15 +58,6 @@ def test_bad_shard_settings_are_one_line_errors(num_shards, shard, message):
         shards.rows_of_shard(rows(IDS), num_shards, shard)
 
 
-def test_each_shard_has_its_own_failure_list_and_readers_see_all(tmp_path):
-    assert shards.failure_file(tmp_path, 1, 0).name == "failures.jsonl"
-    names = [shards.failure_file(tmp_path, 3, i).name for i in range(3)]
-    assert names == ["failures.shard-0-of-3.jsonl", "failures.shard-1-of-3.jsonl", "failures.shard-2-of-3.jsonl"]
-    for name in ["failures.jsonl", names[0], names[2], "failures_old.jsonl"]:
-        (tmp_path / name).write_text("{}\n")
-    assert [p.name for p in shards.failure_files(tmp_path)] == ["failures.jsonl", names[0], names[2]]
-
-
 @pytest.mark.parametrize("device, shard, num_gpus, expected", [
     ("auto", 5, 4, "cuda:1"),      # four GPUs on one machine: shards spread over them
     ("auto", 5, 1, "cuda:0"),      # one visible GPU (SLURM gives each job its own)
