@@ -28,8 +28,9 @@ class PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refuses to load {module}.{name}")
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
-    """Yield (line_number, row) for each non-blank line; InputError names file:line and the bad key."""
+def jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, row, None) for each JSON object line, (line number, None, problem) for a line
+    that is not one; blank lines are skipped. InputError if the file is missing."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: JSONL file not found; check data.data_file")
@@ -40,13 +41,23 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tup
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line") from None
+                yield lineno, None, f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line"
+                continue
             if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise InputError(f"{path}:{lineno}: missing key {missing[0]!r} (required: {', '.join(required)})")
-            yield lineno, row
+                yield lineno, None, f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                continue
+            yield lineno, row, None
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
+    """Yield (line_number, row) for each non-blank line; InputError names file:line and the bad key."""
+    for lineno, row, problem in jsonl_objects(path):
+        if problem:
+            raise InputError(problem)
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise InputError(f"{path}:{lineno}: missing key {missing[0]!r} (required: {', '.join(required)})")
+        yield lineno, row
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

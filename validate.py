@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from adapters import FAMILIES
 from adapters.base import QUERY_AT
 from bbox import MASK_METHODS, THRESHOLDS
-from dataio import InputError, id_problem
+from dataio import InputError, id_problem, jsonl_objects
 from llava.conversation import TEMPLATES
 from settings import ATTN_DTYPES, fixed_heads, model_dir, model_path
 
@@ -244,33 +244,22 @@ def _row_problems(row: dict, required: tuple[str, ...]) -> list[str]:
 def jsonl_rows(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
     """(line number, row) for every row of a JSONL file, or one InputError listing every problem
     of the file (bad JSON, missing keys, wrong types, ids that cannot name files, duplicate ids)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: JSONL file not found; check data.data_file")
     rows, problems, seen = [], [], {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or delete the line")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                continue
-            found = _row_problems(row, required)
-            problems += [f"{path}:{lineno}: {p}" for p in found]
-            if found:
-                continue
-            item_id = str(row["id"])
-            if item_id in seen:
-                problems.append(f"{path}:{lineno}: id: duplicate id {item_id!r} (first on line {seen[item_id]}); "
-                                "ids must be unique")
-                continue
-            seen[item_id] = lineno
-            rows.append((lineno, row))
+    for lineno, row, problem in jsonl_objects(path):
+        if problem:
+            problems.append(problem)
+            continue
+        found = _row_problems(row, required)
+        problems += [f"{path}:{lineno}: {p}" for p in found]
+        if found:
+            continue
+        item_id = str(row["id"])
+        if item_id in seen:
+            problems.append(f"{path}:{lineno}: id: duplicate id {item_id!r} (first on line {seen[item_id]}); "
+                            "ids must be unique")
+            continue
+        seen[item_id] = lineno
+        rows.append((lineno, row))
     if problems:
         raise _problems_error(str(path), problems)
     return rows
