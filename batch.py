@@ -84,10 +84,15 @@ def run_batch(cfg: DictConfig) -> dict:
         rebox, todo = plan(out_dir, rows, cfg, figure)
         log.info("batch: %d rows: %d complete, %d to redo from saved attention, %d to run through the model → %s",
                  len(rows), len(rows) - len(rebox) - len(todo), len(rebox), len(todo), out_dir)
+        # Rows this run settles: complete already, or written or failed now. Only their entries in
+        # failures.jsonl are replaced; rows never reached (Ctrl-C, a model that cannot load) keep theirs.
+        waiting = {r.id for r in rebox + todo}
+        settled = {r.id for r in rows if r.id not in waiting}
         try:
-            written = process(out_dir, rebox, todo, cfg, figure, failures, total=len(rows))
+            written = process(out_dir, rebox, todo, cfg, figure, failures, settled, total=len(rows))
         finally:   # interrupted or not, the failures so far are listed
-            listed = record_failures(out_dir, Path(str(cfg.data.data_file)).resolve(), rows, failures, locks)
+            settled |= {f["id"] for f in failures}
+            listed = record_failures(out_dir, Path(str(cfg.data.data_file)).resolve(), settled, failures, locks)
     log.info("batch: %d written, %d failed%s", written, len(failures),
              f" (listed in {out_dir / FAILURES})" if failures and listed else "")
     return {"rows": len(rows), "written": written, "failed": len(failures), "out_dir": str(out_dir)}
@@ -164,12 +169,14 @@ def outputs_stale(out_dir: Path, row: Row, summary, figure: str | None, collect_
 # ---------------------------------------------------------------- the run
 
 def process(out_dir: Path, rebox: list[Row], todo: list[Row], cfg: DictConfig, figure: str | None,
-            failures: list[dict], total: int) -> int:
-    """Run `todo` through the model and write every row; returns the number written. Saving,
-    analysis, boxes and figures run on one writer thread while the model works on the next batch.
-    Progress counts all `total` rows of the run, the complete ones as done from the start."""
+            failures: list[dict], written_ids: set[str], total: int) -> int:
+    """Run `todo` through the model and write every row; returns the number written (their ids are
+    added to `written_ids`). Saving, analysis, boxes and figures run on one writer thread while the
+    model works on the next batch. Progress counts all `total` rows of the run, the complete ones as
+    done from the start."""
     dtype, batch_size = attn_dtype(cfg), int(cfg.data.batch_size)
-    refiner = refine.load_refiner(cfg)  # SAM (logic.mask.refine=sam), loaded once per run; else None
+    # SAM (logic.mask.refine=sam), loaded once per run and only when a row needs a mask; else None
+    refiner = refine.load_refiner(cfg) if rebox or todo else None
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
     pending: deque[tuple[Row, Future]] = deque()
     rebox_left = deque(rebox)
@@ -198,13 +205,13 @@ def process(out_dir: Path, rebox: list[Row], todo: list[Row], cfg: DictConfig, f
                     for _ in range(min(batch_size, len(rebox_left))):
                         finish_later(rebox_left.popleft(), None)
                     # The model runs ahead of the writer by two batches at most: each row holds its attention.
-                    written += drain(pending, failures, progress, keep=2 * batch_size)
+                    written += drain(pending, failures, written_ids, progress, keep=2 * batch_size)
             while rebox_left:
                 finish_later(rebox_left.popleft(), None)
-            written += drain(pending, failures, progress, keep=0)
+            written += drain(pending, failures, written_ids, progress, keep=0)
         except KeyboardInterrupt:
             writer.shutdown(wait=True, cancel_futures=True)   # the row being written finishes; queued ones are dropped
-            written += drain(pending, failures, progress, keep=0)
+            written += drain(pending, failures, written_ids, progress, keep=0)
             log.warning("batch: interrupted after writing %d rows", written)
             raise
         finally:
@@ -283,6 +290,10 @@ def finish_row(out_dir: Path, row: Row, record: dict | None, cfg: DictConfig, dt
     """Save a fresh record (record=None: reuse the saved attention) and write the row's outputs."""
     if record is None:
         record = load_attention(out_dir / f"{row.id}.pkl")
+        # The row as this run reads it: its image path resolved from here, its ground truth and split.
+        record["meta"].update(image_file=str(row.image), source=row.source, gt_bbox=row.bbox)
+        if row.split is not None:
+            record["meta"]["split"] = row.split
     else:
         save_attention(safe_output_path(out_dir, row.id, ".pkl"), record, dtype)
         # Boxes from the attention as saved, so a row redone from its file gets the same outputs.
@@ -290,7 +301,7 @@ def finish_row(out_dir: Path, row: Row, record: dict | None, cfg: DictConfig, dt
     write_outputs(out_dir, row.id, record, run_analysis(record, cfg), cfg, figure=figure, refiner=refiner)
 
 
-def drain(pending: deque, failures: list[dict], progress: Progress, keep: int) -> int:
+def drain(pending: deque, failures: list[dict], written_ids: set[str], progress: Progress, keep: int) -> int:
     """Collect finished writes, oldest first, waiting while more than `keep` are pending; returns
     the number written."""
     written = 0
@@ -299,6 +310,7 @@ def drain(pending: deque, failures: list[dict], progress: Progress, keep: int) -
         try:
             future.result()
             written += 1
+            written_ids.add(row.id)
         except CancelledError:
             continue   # dropped by an interrupt: not written, not failed; a rerun does it
         except Exception as e:  # noqa: BLE001
@@ -313,14 +325,15 @@ def failure(row: Row, error: str) -> dict:
     return {"id": row.id, "error": error, "line": row.lineno}
 
 
-def record_failures(out_dir: Path, data_file: Path, rows: list[Row], failures: list[dict], locks: RowLocks) -> bool:
+def record_failures(out_dir: Path, data_file: Path, settled: set[str], failures: list[dict], locks: RowLocks) -> bool:
     """failures.jsonl lists the failed rows of every run into this folder: a run replaces the
-    entries of its own rows (its data file, its ids) and keeps all others, so another JSONL or
-    another shard never loses its list. The failures are logged first, so a full disk loses
-    nothing; returns whether the file could be updated."""
+    entries of the rows it settled (its data file; ids complete, written or failed now) and keeps
+    all others, so another JSONL, another shard or a row this run never reached keeps its entry.
+    The failures are logged first, so a full disk loses nothing; returns whether the file could be
+    updated."""
     for f in failures:
         log.error("failed %s (line %d): %s", f["id"], f["line"], f["error"])
-    path, mine = out_dir / FAILURES, {r.id for r in rows}
+    path, mine = out_dir / FAILURES, settled
     ours = [dict(f, data_file=str(data_file)) for f in failures]
     try:
         with locks.shared_file():

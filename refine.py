@@ -122,9 +122,9 @@ def load_refiner(cfg: DictConfig) -> SamRefiner | None:
     if method == "none":
         return None
     from adapters import resolve_device
-    from settings import model_path
+    from settings import model_path, run_device
 
-    device = resolve_device(str(cfg.model.device), int(cfg.model.get("device_id", 0)))
+    device = resolve_device(run_device(cfg), int(cfg.model.get("device_id", 0)))
     # Room for the images of two forward batches: rows of one image often straddle a batch boundary.
     capacity = max(32, 2 * int(cfg.data.get("batch_size", 1)))
     return SamRefiner.load(model_path(str(cfg.logic.mask.sam_model)), device, cfg.model.get("cache_dir"), capacity)

@@ -41,6 +41,7 @@ import evaluate
 import viz
 from bbox import combine_heads, grid_to_image
 from collector import load_attention
+from layout import analysis_record
 from images import load_image
 from dataio import InputError, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path
 from llava.geometry import Geometry
@@ -250,8 +251,8 @@ def thumbnail(row: Row, folder: Path, thumbs: Path) -> str | None:
     if row.image is None:
         return None
     heads = [(h["layer"], h["head"]) for h in row.summary.get("selected_heads", [])]
-    sigma = row.summary.get("settings", {}).get("logic", {}).get("smoothing", {}).get("sigma", 1.0)
-    key = json.dumps([str(row.image), row.pred, row.gt, heads, sigma, THUMB_PX])
+    smoothing = row.summary.get("settings", {}).get("logic", {}).get("smoothing", {})
+    key = json.dumps([str(row.image), row.pred, row.gt, heads, smoothing, THUMB_PX])
     name = f"{row.id}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.png"
     if (thumbs / name).is_file():
         return name
@@ -263,9 +264,12 @@ def thumbnail(row: Row, folder: Path, thumbs: Path) -> str | None:
     attn_file = folder / f"{row.id}.pkl"
     if heads and attn_file.is_file():
         try:
-            record = load_attention(attn_file)
-            geometry = Geometry.from_dict(record["meta"]["geometry"])
-            heat = grid_to_image(combine_heads(record["attn"], geometry.grid, heads, float(sigma)), geometry)
+            view = analysis_record(load_attention(attn_file))    # multi-map layouts: their canvas
+            geometry = Geometry.from_dict(view["meta"]["geometry"])
+            grid_map = combine_heads(view["attn"], geometry.grid, heads, float(smoothing.get("sigma", 1.0)),
+                                     mode=str(smoothing.get("mode", "reflect")),
+                                     truncate=float(smoothing.get("truncate", 4.0)))
+            heat = grid_to_image(grid_map, geometry)
         except (InputError, KeyError, IndexError, ValueError):
             heat = None
     atomic_write_bytes(thumbs / name, viz.thumbnail_png(image, heat, row.pred, row.gt, THUMB_PX))

@@ -18,9 +18,13 @@ ATTN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def model_path(name: str) -> str:
-    """A relative local folder is looked up from here, then from the repository (model=toy)."""
+    """A local folder as an absolute path (a relative one is looked up from here, then from the
+    repository: model=toy), so what the outputs record does not depend on the working directory;
+    a hub id as it is."""
     p = Path(name).expanduser()
-    if not p.is_absolute() and not p.exists() and (REPO / p).is_dir():
+    if p.is_dir():
+        return str(p.resolve())
+    if not p.is_absolute() and (REPO / p).is_dir():
         return str(REPO / p)
     return name
 
@@ -90,14 +94,19 @@ def attn_dtype(cfg: DictConfig) -> torch.dtype:
     return ATTN_DTYPES[name]
 
 
+def run_device(cfg: DictConfig) -> str:
+    """model.device, or with data.device_per_shard the shard's own GPU (one machine, several GPUs):
+    the device of every model the run loads (the VLM and SAM)."""
+    if cfg.data.get("device_per_shard"):
+        return shard_device(str(cfg.model.device), int(cfg.data.shard), torch.cuda.device_count())
+    return str(cfg.model.device)
+
+
 def load_adapter_from(cfg: DictConfig):
     from adapters import load_adapter
 
     quiet_library_bars()
-    overrides = {"name": model_path(str(cfg.model.name))}
-    if cfg.data.get("device_per_shard"):   # one machine, several GPUs: spread the shards over them
-        overrides["device"] = shard_device(str(cfg.model.device), int(cfg.data.shard), torch.cuda.device_count())
-    model_cfg = OmegaConf.merge(cfg.model, overrides)
+    model_cfg = OmegaConf.merge(cfg.model, {"name": model_path(str(cfg.model.name)), "device": run_device(cfg)})
     return load_adapter(model_cfg, str(cfg.model.attn_capture))
 
 

@@ -123,6 +123,10 @@ def input_problems(cfg: DictConfig) -> list[str]:
     stage = str(cfg.stage)
     problems = [f"{key} is required for stage={stage}" for key in STAGE_INPUTS[stage]
                 if OmegaConf.select(cfg, key, default=None) in (None, "")]
+    attention = OmegaConf.select(cfg, "data.attention_file", default=None)
+    if stage in ("analyze", "visualize") and attention and not str(attention).endswith(".pkl"):
+        # <id>.pkl is how outputs name a row's attention file; <id>_*.* are written beside it.
+        problems.append(f"data.attention_file={attention}: expected an attention file named <id>.pkl; rename it")
     if stage in ("collect", "pipeline"):
         query = OmegaConf.select(cfg, "data.query", default=None)
         if query is not None and not (isinstance(query, str) and query.strip()):

@@ -719,3 +719,53 @@ def test_a_rerun_that_needs_no_model_runs_without_it(cli, tmp_path):
     code, log = cli(*batch_args(data, out, f"model.name={model}", "logic.mask.threshold=mean"))
     assert code == EXIT_OK and "2 to redo from saved attention, 0 to run through the model" in log, log
     assert bbox_of(out, "r0")["settings"]["logic"]["mask"]["threshold"] == "mean"
+
+
+# ---------------------------------------------------------------- reruns from elsewhere
+
+def test_a_rerun_from_another_folder_finds_the_rows_complete_and_reboxes_from_the_rows_paths(
+        cli, tmp_path, monkeypatch, model_loads):
+    """What outputs record does not depend on the working directory: a finished batch run with a
+    relative data file is complete when rerun from elsewhere (the toy model's folder is recorded as an
+    absolute path), and a new logic re-boxes from the saved attention with the image path of the row
+    as this run resolves it, not the relative one saved in the file."""
+    data_dir = tmp_path / "data"
+    images = data_dir / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for row in good_rows(2):
+        (images / Path(row["image_path"]).name).write_bytes(Path(row["image_path"]).read_bytes())
+        rows.append(dict(row, image_path=f"images/{Path(row['image_path']).name}"))
+    rows_file(data_dir, rows)
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    assert cli(*batch_args(Path("data/data.jsonl"), out))[0] == EXIT_OK
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, log = cli(*batch_args(data_dir / "data.jsonl", out))
+    assert code == EXIT_OK and "2 complete" in log and "collection settings changed" not in log
+    code, log = cli(*batch_args(data_dir / "data.jsonl", out, "logic.top_k=1", "data.visualize_batch=true"))
+    assert code == EXIT_OK and "2 to redo from saved attention" in log, log
+    summary = json.loads((folder(out) / "r0_bbox.json").read_text())
+    assert summary["image_file"] == str(images / "toy_tall.png") and (folder(out) / "r0_top1.png").is_file()
+    assert len(model_loads) == 1                                   # only the first run needed the model
+
+
+def test_a_run_that_never_reaches_a_failed_row_keeps_its_failure_listed(cli, tmp_path):
+    """failures.jsonl keeps the entry of a row this run did not settle: here the model cannot load,
+    nothing runs (exit 2), and the earlier failure stays listed for evaluate and report."""
+    rows = good_rows(1) + [{"id": "gone", "prompt": "the square .", "image_path": str(tmp_path / "no.png")}]
+    data = rows_file(tmp_path, rows)
+    assert cli(*batch_args(data, tmp_path / "out"))[0] == EXIT_ROWS_FAILED
+    failures = folder(tmp_path / "out") / "failures.jsonl"
+    code, _ = cli(*batch_args(data, tmp_path / "out", f"model.name={tmp_path / 'no-such-model'}"))
+    assert code == EXIT_NOT_RUN
+    assert [json.loads(line)["id"] for line in failures.read_text().splitlines()] == ["gone"]
+
+
+def test_an_attention_file_not_named_id_pkl_is_refused(cli, tmp_path):
+    odd = tmp_path / "foo.pt"
+    odd.write_bytes(b"")
+    code, out = cli("stage=visualize", *TOY, f"data.attention_file={odd}")
+    assert code == EXIT_NOT_RUN and "expected an attention file named <id>.pkl" in out
