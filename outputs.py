@@ -72,8 +72,11 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
     refine.write_masks(out_dir, item_id, loc["mask"], mask, refined=refinement is not None)
     if figure:
         image = load_image(record["meta"]["image_file"])
-        png = viz.figure_png(image, record["attn"], record["meta"], heads, loc, logic=str(cfg.logic.name),
-                             tau=result["tau"], heads_source=source)
+        # The mask panel shows the mask written as <id>_mask.png: SAM's when it refined it.
+        refined = refinement is not None and refinement["status"] == "ok"
+        png = viz.figure_png(image, record["attn"], record["meta"], heads, dict(loc, mask=mask),
+                             logic=str(cfg.logic.name), tau=result["tau"], heads_source=source,
+                             mask_label="SAM mask (refined)" if refined else "mask")
         atomic_write_bytes(safe_output_path(out_dir, item_id, figure_suffix(cfg)), png)
     summary = {
         "id": item_id,

@@ -32,7 +32,8 @@ CHOICES = {
     "model.conv_mode": ("auto", *TEMPLATES),
     "model.query_at": QUERY_AT,
     "model.family": ("auto", *FAMILIES),
-    "logic.smoothing.mode": ("reflect", "nearest", "mirror", "constant", "wrap"),
+    "logic.smoothing.mode": ("reflect", "nearest", "mirror", "constant", "wrap", "grid-constant", "grid-mirror",
+                             "grid-wrap"),   # scipy.ndimage's boundary modes
     "logic.mask.refine": ("none", "sam"),
     "data.attn_dtype": tuple(ATTN_DTYPES),
     "logic.threshold.method": ("chord",),

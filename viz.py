@@ -157,9 +157,11 @@ def _wrap(text: str, width: int) -> str:
 
 
 def figure_png(image: Image.Image, attn, meta: dict, heads: list[dict], result: dict, *,
-               logic: str | None = None, tau: float | None = None, heads_source: str | None = None) -> bytes:
+               logic: str | None = None, tau: float | None = None, heads_source: str | None = None,
+               mask_label: str = "mask") -> bytes:
     """`build_figure` as PNG bytes."""
-    fig = build_figure(image, attn, meta, heads, result, logic=logic, tau=tau, heads_source=heads_source)
+    fig = build_figure(image, attn, meta, heads, result, logic=logic, tau=tau, heads_source=heads_source,
+                       mask_label=mask_label)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
@@ -167,7 +169,8 @@ def figure_png(image: Image.Image, attn, meta: dict, heads: list[dict], result: 
 
 
 def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result: dict, *,
-                 logic: str | None = None, tau: float | None = None, heads_source: str | None = None):
+                 logic: str | None = None, tau: float | None = None, heads_source: str | None = None,
+                 mask_label: str = "mask"):
     """The figure of one item. Header: the query, the logic, τ and where the heads came from. Row 0: image with
     the predicted box (and the ground truth, meta["gt_bbox"], with IoU), combined heat map, mask.
     Rows 1–2: each head's raw grid map and its map on the image. `heads`: analysis records
@@ -204,7 +207,7 @@ def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result
     top[2].axis("on")
     top[2].imshow(result["mask"], cmap="gray", extent=(0, image.width, image.height, 0), vmin=0, vmax=1)
     _frame(top[2], (0, 0, image.width, image.height))
-    top[2].set_title("mask (white = foreground)", fontsize=FONT)
+    top[2].set_title(f"{mask_label} (white = foreground)", fontsize=FONT)
 
     for i, rec in enumerate(heads):
         grid_map = maps[rec["layer"] * num_heads + rec["head"]]
