@@ -44,18 +44,35 @@ def combine_heads(attn, grid: tuple[int, int], heads: list[tuple[int, int]], sig
     return combined
 
 
+def _axis_weights(pixels: int, start: float, end: float, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linear-interpolation weights [pixels, cells] of every pixel centre along one axis (past the
+    first and last cell centres the edge cell's value holds), and [pixels] bool: the centre lies on
+    the grid."""
+    g = ((np.arange(pixels) + 0.5) - start) / ((end - start) / cells) - 0.5     # pixel centre → grid coordinate
+    on_grid = np.abs(g + 0.5 - cells / 2) <= cells / 2
+    g = np.clip(g, 0.0, cells - 1.0)
+    lo = np.floor(g).astype(np.int64)
+    hi = np.minimum(lo + 1, cells - 1)
+    frac = g - lo
+    weights = np.zeros((pixels, cells))
+    np.add.at(weights, (np.arange(pixels), lo), 1.0 - frac)
+    np.add.at(weights, (np.arange(pixels), hi), frac)
+    return weights, on_grid
+
+
 def grid_to_image(grid_map: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Bilinear resample of a grid map at the centre of every original pixel → [H, W]; NaN where
-    the model never saw the pixel (cropped away)."""
+    the model never saw the pixel (cropped away). Bilinear is separable, so it is two small matrix
+    products (rows then columns) and the only full-size array is the result: a 10,000² image needs
+    its 800 MB heat map, not a coordinate grid per axis besides."""
     rows, cols = grid_map.shape
     width, height = geometry.image_size
     x0, y0, x1, y1 = geometry.grid_box
-    gx = ((np.arange(width) + 0.5) - x0) / ((x1 - x0) / cols) - 0.5   # pixel centre → grid coordinate
-    gy = ((np.arange(height) + 0.5) - y0) / ((y1 - y0) / rows) - 0.5
-    yy, xx = np.meshgrid(gy, gx, indexing="ij")
-    heat = ndimage.map_coordinates(grid_map, [yy, xx], order=1, mode="nearest")
-    seen = (np.abs(yy + 0.5 - rows / 2) <= rows / 2) & (np.abs(xx + 0.5 - cols / 2) <= cols / 2)
-    heat[~seen] = np.nan
+    wy, seen_y = _axis_weights(height, y0, y1, rows)                 # [H, rows]
+    wx, seen_x = _axis_weights(width, x0, x1, cols)                  # [W, cols]
+    heat = (wy @ np.asarray(grid_map, dtype=np.float64)) @ wx.T       # [H, W]
+    heat[~seen_y, :] = np.nan
+    heat[:, ~seen_x] = np.nan
     return heat
 
 
