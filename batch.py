@@ -28,6 +28,7 @@ from collector import collect, load_attention, save_attention
 from dataio import InputError, atomic_write_text, file_stamps, resolve_path, safe_output_path
 from images import load_image
 from locks import RowLocks
+from layout import analysis_record
 from outputs import figure_suffix, run_analysis, write_outputs
 from progress import Progress
 import refine
@@ -298,7 +299,8 @@ def finish_row(out_dir: Path, row: Row, record: dict | None, cfg: DictConfig, dt
         save_attention(safe_output_path(out_dir, row.id, ".pkl"), record, dtype)
         # Boxes from the attention as saved, so a row redone from its file gets the same outputs.
         record["attn"] = record["attn"].to(dtype).float()
-    write_outputs(out_dir, row.id, record, run_analysis(record, cfg), cfg, figure=figure, refiner=refiner)
+    view = analysis_record(record)   # multi-map layouts: the canvas, computed once for analysis and box
+    write_outputs(out_dir, row.id, view, run_analysis(view, cfg), cfg, figure=figure, refiner=refiner)
 
 
 def drain(pending: deque, failures: list[dict], written_ids: set[str], progress: Progress, keep: int) -> int:

@@ -174,11 +174,12 @@ def legacy_keys(layout: Layout) -> dict:
 
 
 def analysis_record(record: dict) -> dict:
-    """An attention record {"attn", "meta"} as the analysis sees it: one map, with `grid` and
-    `geometry` of that map in its meta (analysis_view). One-map records come back unchanged."""
+    """An attention record {"attn", "meta"} as the analysis sees it: one map, with `layout`, `grid`
+    and `geometry` of that map in its meta (analysis_view). One-map records, views included, come
+    back unchanged, so a caller may pass the view on and the callee's call costs nothing."""
     layout = Layout.from_meta(record["meta"])
     if len(layout.maps) == 1:
         return record
     attn, view = analysis_view(record["attn"], layout)
-    return {"attn": attn, "meta": dict(record["meta"], **legacy_keys(view))}
+    return {"attn": attn, "meta": dict(record["meta"], layout=view.to_dict(), **legacy_keys(view))}
 

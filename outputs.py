@@ -66,8 +66,9 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
     heads, source = heads_for(result, record, cfg)
     loc = bbox.localize(record["attn"], record["meta"], [(h["layer"], h["head"]) for h in heads], cfg.logic)
     mask, refinement = refine.refine(refiner or refine.load_refiner(cfg), loc, record["meta"], cfg.logic.mask)
+    figure_name = figure_suffix(cfg) if figure else None
     suffixes = [".pkl", "_analysis.pkl", "_mask.png"] + (["_mask_coarse.png"] if refinement is not None else []) \
-        + ([figure_suffix(cfg)] if figure else [])
+        + ([figure_name] if figure else [])
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_analysis.pkl"), pickle.dumps(result))
     refine.write_masks(out_dir, item_id, loc["mask"], mask, refined=refinement is not None)
     if figure:
@@ -77,7 +78,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
         png = viz.figure_png(image, record["attn"], record["meta"], heads, dict(loc, mask=mask),
                              logic=str(cfg.logic.name), tau=result["tau"], heads_source=source,
                              mask_label="SAM mask (refined)" if refined else "mask")
-        atomic_write_bytes(safe_output_path(out_dir, item_id, figure_suffix(cfg)), png)
+        atomic_write_bytes(safe_output_path(out_dir, item_id, figure_name), png)
     summary = {
         "id": item_id,
         "query": record["meta"].get("query"),

@@ -93,6 +93,7 @@ def stage_visualize(cfg: DictConfig, path: Path | None = None) -> dict:
         if changed:
             raise InputError(f"{image_file}: {changed} since {path.name} was collected; collect it again")
     analysis_file = path.with_name(f"{_stem(path)}_analysis.pkl")
+    record = analysis_record(record)   # multi-map layouts: the canvas, computed once for analysis and box
     result = load_analysis(analysis_file) if analysis_file.is_file() else run_analysis(record, cfg)
     summary = write_outputs(path.parent, _stem(path), record, result, cfg, figure=True)
     log.info("bbox %s from %s heads %s", summary["bbox_xyxy"], summary["heads_source"],

@@ -21,6 +21,7 @@ from adapters.base import QUERY_AT
 from bbox import MASK_METHODS, THRESHOLDS
 from dataio import InputError, id_problem, jsonl_objects
 from llava.conversation import TEMPLATES
+from refine import REFINERS
 from settings import ATTN_DTYPES, fixed_heads, model_dir, model_path
 
 MAX_LISTED = 50   # problems shown; a 10k-row file with one systematic error stays readable
@@ -34,7 +35,7 @@ CHOICES = {
     "model.family": ("auto", *FAMILIES),
     "logic.smoothing.mode": ("reflect", "nearest", "mirror", "constant", "wrap", "grid-constant", "grid-mirror",
                              "grid-wrap"),   # scipy.ndimage's boundary modes
-    "logic.mask.refine": ("none", "sam"),
+    "logic.mask.refine": REFINERS,
     "data.attn_dtype": tuple(ATTN_DTYPES),
     "logic.threshold.method": ("chord",),
     "logic.threshold.scope": ("sample", "dataset"),

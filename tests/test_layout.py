@@ -52,6 +52,7 @@ def test_analysis_record_gives_grid_and_geometry_of_the_canvas():
     view = analysis_record(record)
     assert view["meta"]["grid"] == [4, 4] and view["meta"]["geometry"]["grid_box"] == [0.0, 0.0, 100.0, 100.0]
     np.testing.assert_allclose(view["attn"].sum(), 1.0)
+    assert analysis_record(view) is view                 # a view is its own view: passing it on costs nothing
 
 
 def test_cell_boxes_scale_x_and_y_separately():
