@@ -67,7 +67,7 @@ class Layout:
     @classmethod
     def single(cls, method: str, image_size: tuple[int, int], grid: tuple[int, int],
                box: tuple[float, float, float, float], name: str = "grid") -> "Layout":
-        return cls(method, tuple(image_size), (TokenMap(name, tuple(grid), tuple(float(v) for v in box), 0),))
+        return cls.stack(method, image_size, [(name, grid, box)])
 
     @classmethod
     def stack(cls, method: str, image_size: tuple[int, int],
