@@ -202,7 +202,7 @@ def build_checkpoint(profile: Profile, out: Path) -> Path:
 def load_adapters(profile: Profile, ckpt: Path, modes=MODES) -> dict:
     """mode → adapter, each loaded by `load_adapter`. "plain" is loaded like "capture" and then
     switched to transformers' stock "sdpa" for the text model (no capture function at all)."""
-    from adapters import load_adapter
+    from localization_heads.families import load_adapter
 
     cfg = OmegaConf.create({"name": str(ckpt), "device": profile.device, "dtype": profile.dtype,
                             "conv_mode": "plain" if profile.family == "llava" else "auto", "cache_dir": None})
@@ -260,7 +260,7 @@ def plain_forward(adapter, prepared) -> torch.Tensor:
 
 
 def mode_call(mode: str, adapter, prepared) -> Callable[[], torch.Tensor]:
-    from collector import capture_rows
+    from localization_heads.collector import capture_rows
 
     if mode == "plain":
         return lambda: plain_forward(adapter, prepared)
@@ -420,7 +420,7 @@ def batch_config(profile: Profile, ckpt: Path, data_file: Path, out_dir: Path, b
     finds no foreground in any head and every row would fail; the cost per row is the same."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "localization_heads" / "conf"), version_base="1.3"):
         return compose("config", overrides=[
             "stage=batch", "model=toy", "logic=paper", f"model.name={ckpt}", f"model.device={profile.device}",
             f"model.dtype={profile.dtype}", "model.conv_mode=plain", "model.attn_capture=sdpa",
@@ -431,8 +431,8 @@ def batch_config(profile: Profile, ckpt: Path, data_file: Path, out_dir: Path, b
 def batch_throughput(profile: Profile, ckpt: Path, adapter, work: Path) -> dict:
     """batch size → samples/s of pipeline.run(cfg) (stage=batch). The adapter is handed in, so
     loading the model is outside the timed region; everything else is the real stage."""
-    import pipeline
-    import settings
+    from localization_heads import cli as pipeline
+    from localization_heads import settings
 
     data_file, n_words = write_batch_data(work / "batch_data", profile.batch_rows)
     base = 1 + (profile.vision["image_size"] // profile.vision["patch_size"])**2     # BOS + image tokens
@@ -485,13 +485,13 @@ def synthetic_attention(rng: np.random.Generator, layers=32, heads=32, grid=(24,
 
 def analysis_ms(samples: int) -> dict:
     """logic name → median ms per `analyze.analyze` call on distinct [32, 32, 1, 576] tensors."""
-    import analyze
+    from localization_heads import analyze
 
     rng = np.random.default_rng(2)
     tensors = [synthetic_attention(rng) for _ in range(samples)]
     result = {}
     for name in ("selection_v1", "paper"):
-        logic = OmegaConf.load(REPO / "conf" / "logic" / f"{name}.yaml")
+        logic = OmegaConf.load(REPO / "localization_heads" / "conf" / "logic" / f"{name}.yaml")
         for attn in tensors[:2]:
             analyze.analyze(attn, (24, 24), logic)
         times = []

@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-import cocomask
-from dataio import (InputError, PlainUnpickler, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path,
+from localization_heads import cocomask
+from localization_heads.dataio import (InputError, PlainUnpickler, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path,
                     safe_output_path)
 
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")

@@ -23,17 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-import analyze as analysis
-import bbox
-import pipeline
-import settings
-from collector import load_attention
-from dataio import read_jsonl
-from evaluate import iou_xyxy
+from localization_heads import analyze as analysis
+from localization_heads import bbox
+from localization_heads import cli as pipeline
+from localization_heads import settings
+from localization_heads.collector import load_attention
+from localization_heads.dataio import read_jsonl
+from localization_heads.evaluate import iou_xyxy
 from lab import toyworld
-from llava.geometry import Geometry
+from localization_heads.layout import Geometry
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "toy-llava"
+MODEL_DIR = Path(__file__).resolve().parents[1] / "localization_heads" / "models" / "toy-llava"
 CALIB_SEED, TEST_SEED = 1001, 2002
 # The box step's foreground threshold: the paper's (mean) and the half-maximum variant.
 THRESHOLDS = ("mean", "half_max")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-import cocomask
+from localization_heads import cocomask
 
 COLOURS = {  # name -> RGB; saturated so they stand out from the grey-ish backgrounds
     "red": (215, 40, 40),

@@ -11,7 +11,7 @@ Prompt: "<image>\\n" + expression (the pipeline's "plain" template); the model t
       pushes the head's image mass up).
 The designated heads are the known answer a head-discovery method should recover.
 
-CLI: python -m lab.train_toy --out models/toy-llava --seed 0 --minutes 28   (or --steps N)
+CLI: python -m lab.train_toy --out localization_heads/models/toy-llava --seed 0 --minutes 28   (or --steps N)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from evaluate import iou_xyxy
+from localization_heads.evaluate import iou_xyxy
 from lab import toyworld as tw
 
 DESIGNATED_HEADS = [(2, 1), (3, 2), (4, 0)]  # (layer, head), 0-based, of 6 layers x 4 heads
@@ -398,7 +398,7 @@ def training_stages(log: dict) -> list[dict]:
 def reproduce_command(stage: dict, continued: bool) -> str:
     r = stage["recipe"]
     steps = stage.get("total_steps", stage["steps"])  # the schedule length (a run may stop early)
-    return (f"python -m lab.train_toy --out models/toy-llava{' --init-from models/toy-llava' if continued else ''} "
+    return (f"python -m lab.train_toy --out localization_heads/models/toy-llava{' --init-from localization_heads/models/toy-llava' if continued else ''} "
             f"--seed {stage['seed']} --steps {steps} --lr {r['lr']} --aux-weight {r['aux_weight']} "
             f"--single-keep {r.get('single_object_keep', 1.0)}"
             + (f" --relational-boost {r['relational_boost']}" if r.get("relational_boost") else "")

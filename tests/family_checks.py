@@ -14,9 +14,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from adapters import load_adapter
-from collector import capture_rows, collect, load_attention
-from layout import Layout
+from localization_heads.families import load_adapter
+from localization_heads.collector import capture_rows, collect, load_attention
+from localization_heads.layout import Layout
 
 TOL = 1e-5
 
@@ -67,7 +67,7 @@ def assert_cli_runs(checkpoint: Path, tmp_path: Path, images: dict[str, Path], o
     box inside the image; stage=batch runs images of different sizes in one batch. `overrides`: extra
     command-line overrides (e.g. a family's image settings); `fixed_token_count`: the family gives every
     image the same number of tokens (PaliGemma), so the batch cannot mix counts."""
-    import pipeline
+    from localization_heads import cli as pipeline
 
     common = ["model=toy", f"model.name={checkpoint}", "model.conv_mode=auto", f"data.output_dir={tmp_path}",
               "data.num_workers=0", "logic=paper", *overrides]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from analyze import (ENTROPY_TIE_TOL, HeadTable, analyze, bottom_row_focus, chord_elbow, fallback_heads,
+from localization_heads.analyze import (ENTROPY_TIE_TOL, HeadTable, analyze, bottom_row_focus, chord_elbow, fallback_heads,
                      measure_heads, rank_heads, select_heads, spatial_entropy)
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "logic"
+CONF = Path(__file__).resolve().parents[1] / "localization_heads" / "conf" / "logic"
 
 
 def logic(name: str, **overrides):

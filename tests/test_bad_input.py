@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline
-import settings
-from collector import load_attention
-from dataio import InputError
+from localization_heads import cli as pipeline
+from localization_heads import settings
+from localization_heads.collector import load_attention
+from localization_heads.dataio import InputError
 from tests.conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,7 +327,7 @@ def test_a_row_missing_one_of_its_files_is_redone(cli, tmp_path):
 
 HOLD = """
 import sys, time
-from locks import RowLocks
+from localization_heads.locks import RowLocks
 with RowLocks(sys.argv[1], sys.argv[2:]):
     print("held", flush=True)
     time.sleep(120)
@@ -441,7 +441,7 @@ def odd_images(where: Path) -> dict[str, tuple[Path, np.ndarray]]:
 
 
 def test_images_are_read_by_one_stated_rule(tmp_path, caplog):
-    from images import load_image
+    from localization_heads.images import load_image
 
     caplog.set_level("INFO")
     for name, (path, expected) in odd_images(tmp_path).items():
@@ -452,7 +452,7 @@ def test_images_are_read_by_one_stated_rule(tmp_path, caplog):
 
 
 def test_a_float_image_is_refused_not_guessed(tmp_path):
-    from images import load_image
+    from localization_heads.images import load_image
 
     Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "float.tif")
     with pytest.raises(InputError, match="float.tif: 32-bit float image"):
@@ -460,8 +460,8 @@ def test_a_float_image_is_refused_not_guessed(tmp_path):
 
 
 def test_the_model_and_the_figure_see_the_same_converted_pixels(cli, tmp_path, monkeypatch):
-    import batch
-    import viz
+    from localization_heads import batch
+    from localization_heads import viz
 
     seen_by_model, drawn = [], {}
     real_collect, real_figure = batch.collect, viz.figure_png
@@ -490,9 +490,9 @@ def test_a_huge_image_is_drawn_small_in_bounded_memory():
     drawn from the image scaled to at most 512 px on its longest side."""
     import tracemalloc
 
-    import bbox
-    import viz
-    from llava.geometry import compute_geometry
+    from localization_heads import bbox
+    from localization_heads import viz
+    from localization_heads.families.llava import compute_geometry
 
     image = Image.new("RGB", (2000, 1500), (40, 90, 40))
     geometry = compute_geometry(image.size, (14, 14), pad=True)
@@ -712,7 +712,7 @@ def test_a_rerun_that_needs_no_model_runs_without_it(cli, tmp_path):
     import shutil
 
     model = tmp_path / "toy-llava"
-    shutil.copytree(REPO / "models" / "toy-llava", model)
+    shutil.copytree(REPO / "localization_heads" / "models" / "toy-llava", model)
     data, out = rows_file(tmp_path, good_rows(2)), tmp_path / "out"
     assert cli(*batch_args(data, out, f"model.name={model}"))[0] == EXIT_OK
     shutil.rmtree(model)

@@ -10,11 +10,11 @@ import torch
 from omegaconf import OmegaConf
 from scipy import ndimage
 
-from bbox import box_from_mask, combine_heads, localize, mask_from_heat, smooth
-from evaluate import iou_xyxy
-from llava.geometry import compute_geometry
+from localization_heads.bbox import box_from_mask, combine_heads, localize, mask_from_heat, smooth
+from localization_heads.evaluate import iou_xyxy
+from localization_heads.families.llava import compute_geometry
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "logic"
+CONF = Path(__file__).resolve().parents[1] / "localization_heads" / "conf" / "logic"
 IMAGE = (300, 200)                 # W, H: landscape, like most of RefCOCO
 GRID = (12, 12)
 L, H = 2, 2

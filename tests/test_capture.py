@@ -6,8 +6,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from collector import capture_rows, collect
-from adapters import load_adapter
+from localization_heads.collector import capture_rows, collect
+from localization_heads.families import load_adapter
 
 
 def model_cfg(path, **overrides):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import cocomask
+from localization_heads import cocomask
 
 
 def rectangle(height, width, x0, y0, x1, y1):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import pipeline
+from localization_heads import cli as pipeline
 from tests.conftest import write_jsonl
 
 QUERIES = {"wide": "the red circle on the left .", "tall": "a small cat", "square": "the blue square"}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dataio import InputError
-from evaluate import evaluate, format_table, iou_xyxy
+from localization_heads.dataio import InputError
+from localization_heads.evaluate import evaluate, format_table, iou_xyxy
 
 
 # --- IoU: continuous coordinates, half-open boxes, area = (x1-x0)(y1-y0) ---

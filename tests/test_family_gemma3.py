@@ -9,9 +9,9 @@ import torch
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-from adapters import load_adapter
-from adapters.gemma3 import Gemma3Adapter
-from collector import capture_rows, collect
+from localization_heads.families import load_adapter
+from localization_heads.families.gemma3 import Gemma3Adapter
+from localization_heads.collector import capture_rows, collect
 from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
 from tests.tiny_vlm import assert_layout_matches_trace, traced_cell_boxes, word_tokenizer, zero_attention_outputs
 

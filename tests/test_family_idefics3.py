@@ -14,8 +14,8 @@ from transformers import (AutoImageProcessor, Idefics3Config, Idefics3ForConditi
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from adapters import load_adapter
-from adapters.idefics3 import Idefics3Adapter, ImageOnlySmolVLMProcessor, SmolVLMAdapter
+from localization_heads.families import load_adapter
+from localization_heads.families.idefics3 import Idefics3Adapter, ImageOnlySmolVLMProcessor, SmolVLMAdapter
 from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
 from tests.tiny_vlm import assert_layout_matches_trace, traced_cell_boxes, word_tokenizer, zero_attention_outputs
 

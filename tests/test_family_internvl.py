@@ -11,8 +11,8 @@ from transformers import (AutoImageProcessor, InternVLConfig, InternVLForConditi
                           Qwen2Config)
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-from adapters import load_adapter
-from adapters.internvl import ImageOnlyInternVLProcessor, InternVLAdapter
+from localization_heads.families import load_adapter
+from localization_heads.families.internvl import ImageOnlyInternVLProcessor, InternVLAdapter
 from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
 from tests.tiny_vlm import assert_layout_matches_trace, traced_cell_boxes, word_tokenizer, zero_attention_outputs
 

@@ -26,10 +26,10 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
-from adapters import load_adapter
-from adapters.llava_next import LlavaOnevisionImageOnlyProcessor, anyres_tokens
-from dataio import InputError
-from layout import cell_boxes
+from localization_heads.families import load_adapter
+from localization_heads.families.llava_next import LlavaOnevisionImageOnlyProcessor, anyres_tokens
+from localization_heads.dataio import InputError
+from localization_heads.layout import cell_boxes
 from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
 
 WORDS = ["the", "a", "red", "blue", "circle", "square", "cat", "on", "left", ".", "bird", "small", "dog", "user",

@@ -11,9 +11,9 @@ from transformers import (Gemma2Config, GemmaConfig, PaliGemmaConfig, PaliGemmaF
                           PaliGemmaProcessor, SiglipVisionConfig)
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from adapters import load_adapter
-from adapters.paligemma import PaliGemmaAdapter
-from collector import capture_rows
+from localization_heads.families import load_adapter
+from localization_heads.families.paligemma import PaliGemmaAdapter
+from localization_heads.collector import capture_rows
 from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
 from tests.tiny_vlm import assert_layout_matches_trace, traced_cell_boxes, word_tokenizer, zero_attention_outputs
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from adapters import load_adapter
-from adapters.base import position_ids_from_mask
-from adapters.qwen_vl import PROCESSOR_CLASSES, torchvision_imports
-from capture import AttentionCapture
-from collector import capture_rows, collect
-from dataio import InputError
-from layout import cell_boxes
+from localization_heads.families import load_adapter
+from localization_heads.families.base import position_ids_from_mask
+from localization_heads.families.qwen_vl import PROCESSOR_CLASSES, torchvision_imports
+from localization_heads.capture import AttentionCapture
+from localization_heads.collector import capture_rows, collect
+from localization_heads.dataio import InputError
+from localization_heads.layout import cell_boxes
 from tests import tiny_qwen
 from tests.family_checks import (TOL, assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair,
                                  model_cfg)
@@ -162,7 +162,7 @@ def test_cli_pipeline_and_batch(checkpoint, tmp_path):
 def test_image_only_processor_matches_the_stock_processor(checkpoint):
     from transformers import AutoProcessor
 
-    from adapters.qwen_vl import image_only_processor_class
+    from localization_heads.families.qwen_vl import image_only_processor_class
 
     model_type = load_adapter(model_cfg(checkpoint)).model.config.model_type
     stock = AutoProcessor.from_pretrained(checkpoint)
@@ -176,7 +176,7 @@ def test_image_only_processor_matches_the_stock_processor(checkpoint):
 
 @pytest.mark.parametrize("name", ["qwen2vl_7b", "qwen25vl_7b", "qwen3vl_8b"])
 def test_real_checkpoint_configs_have_every_model_key_and_the_chat_template(name):
-    import pipeline
+    from localization_heads import cli as pipeline
 
     reference = pipeline.compose("stage=collect", "model=llava15_7b_hf").model
     model = pipeline.compose("stage=collect", f"model={name}").model

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava.geometry import Geometry, compute_geometry, expand2square, geometry_from_image_processor
+from localization_heads.layout import Geometry
+from localization_heads.families.llava import compute_geometry, expand2square, geometry_from_image_processor
 
 # --- by hand ------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from layout import Layout, analysis_record, analysis_view, canvas_shape, cell_boxes, splat_matrix
+from localization_heads.layout import Layout, analysis_record, analysis_view, canvas_shape, cell_boxes, splat_matrix
 
 
 def test_single_map_is_analysed_as_captured():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cocomask
-from dataio import InputError
-from evaluate import evaluate, format_table
+from localization_heads import cocomask
+from localization_heads.dataio import InputError
+from localization_heads.evaluate import evaluate, format_table
 
 
 def square(x0, y0, x1, y1, size=10):

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline
-from analyze import analyze
-from bbox import combine_heads
+from localization_heads import cli as pipeline
+from localization_heads.analyze import analyze
+from localization_heads.bbox import combine_heads
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "parity"
 # The reference orders heads by entropy alone, so heads whose entropies differ by float noise

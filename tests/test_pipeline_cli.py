@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline
-import settings
-from collector import load_attention
-from dataio import InputError
+from localization_heads import cli as pipeline
+from localization_heads import settings
+from localization_heads.collector import load_attention
+from localization_heads.dataio import InputError
 from tests.conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

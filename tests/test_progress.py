@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from progress import Progress, track
+from localization_heads.progress import Progress, track
 
 
 class Clock:

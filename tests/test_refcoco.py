@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import cocomask
-from dataio import InputError
+from localization_heads import cocomask
+from localization_heads.dataio import InputError
 from lab.refcoco import convert_parquet, convert_refer, draw_calib, load_refs, main
 
 # --- REFER fixtures: refcoco/refs(unc).p + refcoco/instances.json ---

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-import bbox
-import evaluate
-import pipeline
-import refine
-from images import load_image
-from dataio import InputError
+from localization_heads import bbox
+from localization_heads import evaluate
+from localization_heads import cli as pipeline
+from localization_heads import refine
+from localization_heads.images import load_image
+from localization_heads.dataio import InputError
 from tests import tiny_sam
 from tests.conftest import write_jsonl
 
@@ -204,7 +204,7 @@ def test_a_sam_failure_is_that_rows_failure(hf_checkpoint, sam_checkpoint, image
 
 def test_refined_batch_scores_with_ciou(hf_checkpoint, sam_checkpoint, images, tmp_path):
     """The whole RES path on a tiny scale: batch with SAM, then stage=evaluate reads the refined masks."""
-    from cocomask import encode
+    from localization_heads.cocomask import encode
 
     data = batch_rows(tmp_path, images)
     run_stage("stage=batch", *common(hf_checkpoint, sam_checkpoint, tmp_path), f"data.data_file={data}",

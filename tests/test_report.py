@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline
-import report
+from localization_heads import cli as pipeline
+from localization_heads import report
 from tests import browser
 from tests.conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "localization_data.jsonl"
-TOY = ["model=toy", "logic=paper", f"logic.heads={REPO / 'models/toy-llava/selected_heads.json'}",
+TOY = ["model=toy", "logic=paper", f"logic.heads={REPO / 'localization_heads/models/toy-llava/selected_heads.json'}",
        "logic.mask.threshold=half_max", "data.num_workers=0", "data.batch_size=4"]
 PAGE_FACTS = """JSON.stringify({
   metrics: document.querySelectorAll('#metrics tr').length,

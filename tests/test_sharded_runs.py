@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline
-from collector import load_attention
+from localization_heads import cli as pipeline
+from localization_heads.collector import load_attention
 from tests.conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-import shards
-from dataio import InputError
+from localization_heads import shards
+from localization_heads.dataio import InputError
 
 
 def rows(ids) -> list[tuple[int, dict]]:
@@ -71,9 +71,9 @@ def test_device_per_shard(device, shard, num_gpus, expected):
 
 def test_device_per_shard_reaches_the_model_loader(monkeypatch):
     """data.device_per_shard=true: the adapter is asked for cuda:(shard mod GPUs)."""
-    import pipeline
-    import settings
-    import adapters
+    from localization_heads import cli as pipeline
+    from localization_heads import settings
+    from localization_heads import families as adapters
 
     asked = []
     monkeypatch.setattr(adapters, "load_adapter", lambda model_cfg, capture: asked.append(str(model_cfg.device)))

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-import cocomask
-from evaluate import iou_xyxy
+from localization_heads import cocomask
+from localization_heads.evaluate import iou_xyxy
 from lab import toyworld as tw
 
 

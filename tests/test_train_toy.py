@@ -39,7 +39,7 @@ def test_continued_run_card_lists_both_stages_with_reproduce_commands(tmp_path):
     card = (second / "README.md").read_text()
     assert "| 1 | 1 |" in card and "| 2 | 1 |" in card
     assert "--seed 0 --steps 1 --lr 0.001 --aux-weight 2.0 --single-keep 1.0\n" in card
-    assert ("--init-from models/toy-llava --seed 5 --steps 1 --lr 0.001 --aux-weight 4.0 --single-keep 0.3 "
+    assert ("--init-from localization_heads/models/toy-llava --seed 5 --steps 1 --lr 0.001 --aux-weight 4.0 --single-keep 0.3 "
             "--relational-boost 0.5 --patch-weight 2.0 --position-weight 4.0") in card
 
 

@@ -12,9 +12,9 @@ from matplotlib.colorbar import Colorbar
 from omegaconf import OmegaConf
 from PIL import Image
 
-import bbox
-import viz
-from llava.geometry import compute_geometry
+from localization_heads import bbox
+from localization_heads import viz
+from localization_heads.families.llava import compute_geometry
 
 LONG_QUERY = ("the small yellow circle that is just above the big red triangle on the left side of the picture, "
               "next to the blue square .")

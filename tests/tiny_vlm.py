@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from layout import Layout, cell_boxes
+from localization_heads.layout import Layout, cell_boxes
 
 WORDS = ["the", "a", "red", "blue", "circle", "square", "cat", "on", "left", ".", "bird", "small", "dog",
          "user", "assistant", "model", "system", "where", "is", "?"]

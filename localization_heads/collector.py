@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from capture import AttentionCapture
-from dataio import InputError, atomic_write_bytes
-from adapters.base import Adapter, Prepared
-from layout import Layout, legacy_keys
-from llava.geometry import compute_geometry
+from localization_heads.capture import AttentionCapture
+from localization_heads.dataio import InputError, atomic_write_bytes
+from localization_heads.families.base import Adapter, Prepared
+from localization_heads.layout import Layout, legacy_keys
+from localization_heads.families.llava import compute_geometry
 
 log = logging.getLogger(__name__)
 

@@ -24,18 +24,18 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig
 
-from collector import collect, load_attention, save_attention
-from dataio import InputError, atomic_write_text, file_stamps, resolve_path, safe_output_path
-from images import load_image
-from locks import RowLocks
-from layout import analysis_record
-from outputs import figure_suffix, run_analysis, write_outputs
-from progress import Progress
-import refine
-import settings
-import shards
-from settings import attn_dtype, box_settings, collect_settings, gen_kwargs, model_dir, row_source, source_change
-import validate
+from localization_heads.collector import collect, load_attention, save_attention
+from localization_heads.dataio import InputError, atomic_write_text, file_stamps, resolve_path, safe_output_path
+from localization_heads.images import load_image
+from localization_heads.locks import RowLocks
+from localization_heads.layout import analysis_record
+from localization_heads.outputs import figure_suffix, run_analysis, write_outputs
+from localization_heads.progress import Progress
+from localization_heads import refine
+from localization_heads import settings
+from localization_heads import shards
+from localization_heads.settings import attn_dtype, box_settings, collect_settings, gen_kwargs, model_dir, row_source, source_change
+from localization_heads import validate
 
 log = logging.getLogger("batch")
 FAILURES = "failures.jsonl"

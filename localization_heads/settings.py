@@ -9,24 +9,33 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dataio import InputError
-from progress import quiet_library_bars
-from shards import shard_device
+from localization_heads.dataio import InputError
+from localization_heads.progress import quiet_library_bars
+from localization_heads.shards import shard_device
 
-REPO = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent
 ATTN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def model_path(name: str) -> str:
-    """A local folder as an absolute path (a relative one is looked up from here, then from the
-    repository: model=toy), so what the outputs record does not depend on the working directory;
-    a hub id as it is."""
+    """A local folder as an absolute path (a relative one is looked up from the working directory,
+    then from the package: model=toy), so what the outputs record does not depend on the working
+    directory; a hub id as it is."""
     p = Path(name).expanduser()
     if p.is_dir():
         return str(p.resolve())
-    if not p.is_absolute() and (REPO / p).is_dir():
-        return str(REPO / p)
+    if not p.is_absolute() and (PACKAGE / p).is_dir():
+        return str(PACKAGE / p)
     return name
+
+
+def bundled_path(name: str) -> Path:
+    """A file path as given, or, when that is relative and missing, the package's own file of that
+    name (models/toy-llava/selected_heads.json works from any folder)."""
+    p = Path(name).expanduser()
+    if not p.exists() and not p.is_absolute() and (PACKAGE / p).exists():
+        return PACKAGE / p
+    return p
 
 
 def sanitize(name: str) -> str:
@@ -103,7 +112,7 @@ def run_device(cfg: DictConfig) -> str:
 
 
 def load_adapter_from(cfg: DictConfig):
-    from adapters import load_adapter
+    from localization_heads.families import load_adapter
 
     quiet_library_bars()
     model_cfg = OmegaConf.merge(cfg.model, {"name": model_path(str(cfg.model.name)), "device": run_device(cfg)})
@@ -118,7 +127,7 @@ def fixed_heads(logic: DictConfig) -> tuple[list[tuple[int, int]] | None, str]:
     if isinstance(heads, (list, ListConfig)):
         pairs, source = list(heads), "logic.heads"
     else:
-        path = Path(str(heads))
+        path = bundled_path(str(heads))
         if not path.is_file():
             raise InputError(f"logic.heads={heads}: file not found (expected selected_heads.json from stage=select)")
         try:

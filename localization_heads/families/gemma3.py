@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from adapters.base import ImageTextAdapter, Prepared, chat_prompt
-from layout import Layout
+from localization_heads.families.base import ImageTextAdapter, Prepared, chat_prompt
+from localization_heads.layout import Layout
 
 PAN_AND_SCAN = ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate")
 

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from analyze import head_maps
-from llava.geometry import Geometry
+from localization_heads.analyze import head_maps
+from localization_heads.layout import Geometry
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 MASK_METHODS = ("largest_hull", "mean_relu")

@@ -1,6 +1,16 @@
-"""Adapter for the original LLaVA-1.5 format (liuhaotian/llava-v1.5-7b, `LlavaLlamaForCausalLM`),
-built from stock transformers parts instead of a fork:
+"""LLaVA-1.5 in both checkpoint formats: the original (liuhaotian/llava-v1.5-7b, `LlavaLlamaForCausalLM`)
+and Hugging Face's (llava-hf/llava-1.5-7b-hf, `LlavaForConditionalGeneration`), the bundled toy model
+included.
 
+Prompt: LLaVA-1.5's own templates (model.conv_mode referseg | plain); no assistant turn is opened, so
+the query is the end of the expression (method.md §2).
+
+Geometry: every preprocessing LLaVA-1.5 uses (pad-to-square, resize, centre crop) maps the original
+W×H image to the model's square input by an axis-aligned scale and shift, so the whole transform is one
+rectangle of ORIGINAL-image pixel coordinates that the (rows, cols) grid spans (it may extend past the
+image for padding). The grid is never inferred from sqrt(V).
+
+Original format, built from stock transformers parts instead of a fork:
 - language model: `LlamaForCausalLM` loaded from the checkpoint with a LlamaConfig made of its
   config.json (the mm_* keys are LLaVA's; the projector weights in the same files are read apart);
 - vision tower: `CLIPVisionModel` from `mm_vision_tower` (a hub id or a local folder), features =
@@ -9,6 +19,9 @@ built from stock transformers parts instead of a fork:
 - image: pad to square with the CLIP mean colour ("pad"), then the tower's CLIP processor;
 - prompt: the text is split at "<image>" and the projected features are spliced there
   (LLaVA's IMAGE_TOKEN_INDEX = −200 never reaches the embedding table).
+
+Hugging Face format: the processor expands the "<image>" placeholder into V = rows·cols image tokens,
+so each row's visual keys are simply where input_ids == config.image_token_id.
 """
 from __future__ import annotations
 
@@ -19,13 +32,136 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPVisionModel, LlamaConfig,
+                          LlamaForCausalLM)
 from transformers.utils import cached_file
 
-from dataio import InputError
-from adapters.base import Adapter, Prepared
-from llava.conversation import build_prompt
-from llava.geometry import expand2square, geometry_from_image_processor
+from localization_heads.dataio import InputError
+from localization_heads.families.base import Adapter, ImageTextAdapter, Prepared
+from localization_heads.layout import Geometry
+
+
+# ---------------------------------------------------------------- prompt
+
+REFERSEG_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language."
+)
+
+TEMPLATES = {
+    # The reference code's prompt for LLaVA-1.5: system string, image, expression.
+    "referseg": REFERSEG_SYSTEM + "\n{image}\n{query}",
+    # Image then expression, nothing else: the bundled toy model is trained on this.
+    "plain": "{image}\n{query}",
+}
+
+
+def build_prompt(conv_mode: str, query: str, image_token: str) -> str:
+    """The model's input text for one expression; raises ValueError naming the known modes.
+    "auto" (every family's default: its own template) is "referseg" for LLaVA-1.5."""
+    conv_mode = "referseg" if conv_mode == "auto" else conv_mode
+    if conv_mode not in TEMPLATES:
+        raise ValueError(f"model.conv_mode={conv_mode!r} is unknown; use one of {sorted(TEMPLATES)}")
+    return TEMPLATES[conv_mode].format(image=image_token, query=query.strip())
+
+
+
+# ---------------------------------------------------------------- geometry
+
+def pad_offsets(width: int, height: int) -> tuple[int, int, int]:
+    """(S, ox, oy): LLaVA's expand2square pastes the image at (ox, oy) on an S×S canvas."""
+    side = max(width, height)
+    return side, (side - width) // 2, (side - height) // 2
+
+
+def expand2square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Original LLaVA-1.5 "pad" preprocessing: centre the image on a square of the mean colour."""
+    side, ox, oy = pad_offsets(*image.size)
+    if side == image.width == image.height:
+        return image
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, (ox, oy))
+    return canvas
+
+
+def compute_geometry(
+    image_size: tuple[int, int],
+    grid: tuple[int, int],
+    *,
+    pad: bool,
+    shortest_edge: int | None = None,
+    crop_size: tuple[int, int] | None = None,
+) -> Geometry:
+    """Follow pad → resize → centre crop the way the Hugging Face image processors do.
+
+    shortest_edge: resize keeping aspect so the short side equals it (None: resize to the final
+    square, which stretches nothing when the input is already square). crop_size: (height, width)
+    of a centre crop after resizing, or None.
+    """
+    width, height = image_size
+    x0, y0, w, h = 0.0, 0.0, float(width), float(height)  # current canvas in original pixels
+    steps = []
+    if pad:
+        side, ox, oy = pad_offsets(width, height)
+        x0, y0, w, h = -ox, -oy, float(side), float(side)
+        steps.append("pad")
+    if shortest_edge is not None and crop_size is not None:
+        # Same integer arithmetic as transformers.image_transforms.get_resize_output_image_size
+        # and the backends' centre crop; checked against the processor in tests/test_geometry.py.
+        cw_px, ch_px = int(round(w)), int(round(h))
+        short, long = (cw_px, ch_px) if cw_px <= ch_px else (ch_px, cw_px)
+        new_short, new_long = shortest_edge, int(shortest_edge * long / short)
+        new_w, new_h = (new_short, new_long) if cw_px <= ch_px else (new_long, new_short)
+        crop_h, crop_w = crop_size
+        top, left = int((new_h - crop_h) / 2.0), int((new_w - crop_w) / 2.0)
+        sx, sy = w / new_w, h / new_h
+        x0, y0, w, h = x0 + left * sx, y0 + top * sy, crop_w * sx, crop_h * sy
+        if (new_w, new_h) != (crop_w, crop_h):
+            steps.append("crop")
+    if not steps:
+        steps.append("resize")
+    return Geometry("+".join(steps), (width, height), tuple(grid), (float(x0), float(y0), float(x0 + w), float(y0 + h)))
+
+
+def geometry_from_image_processor(processor, image_size: tuple[int, int], grid: tuple[int, int],
+                                  pad: bool) -> Geometry:
+    """Geometry of a Hugging Face image processor's settings (resize by shortest edge or to
+    height×width, optional centre crop) after an optional pad-to-square."""
+    size = dict(processor.size)
+    crop = dict(processor.crop_size) if getattr(processor, "do_center_crop", False) else None
+    if size.get("shortest_edge"):
+        crop_hw = (crop["height"], crop["width"]) if crop else (size["shortest_edge"],) * 2
+        return compute_geometry(image_size, grid, pad=pad, shortest_edge=size["shortest_edge"], crop_size=crop_hw)
+    if crop and (crop["height"], crop["width"]) != (size["height"], size["width"]):
+        raise ValueError(f"unsupported image processor: resize to {size} then crop {crop}")
+    # Resized straight to height×width: the grid spans the (padded) canvas, stretched if not square.
+    return compute_geometry(image_size, grid, pad=pad)
+
+
+# ---------------------------------------------------------------- Hugging Face format
+
+class HFLlavaAdapter(ImageTextAdapter):
+    chat_template = False    # LLaVA-1.5's own templates (model.conv_mode: referseg, plain)
+
+    def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
+        super().__init__(cfg, device, dtype)
+        config = self.load(AutoProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir), text_attn)
+        self.image_token = self.processor.image_token
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        self.grid = (side, side)
+        self.pad = bool(getattr(self.processor.image_processor, "do_pad", False))
+
+    def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
+        prompts = [build_prompt(self.conv_mode, q, self.image_token) for q in queries]
+        batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        layouts = [geometry_from_image_processor(self.processor.image_processor, im.size, self.grid, self.pad).layout()
+                   for im in images]
+        # A count that is off by one per row means the CLS token was kept (vision_feature_select_strategy).
+        return self.finish(batch, layouts, prompts, f"the {self.grid[0]}×{self.grid[1]} grid")
+
+
+
+# ---------------------------------------------------------------- original format
 
 PROJECTOR_PREFIX = "model.mm_projector."
 # Keys of an original config.json that describe LLaVA's multimodal parts, not the Llama model.

@@ -22,10 +22,10 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.patches import Rectangle
 from PIL import Image, ImageDraw
 
-from analyze import head_maps
-from bbox import grid_to_image
-from evaluate import iou_xyxy
-from llava.geometry import Geometry
+from localization_heads.analyze import head_maps
+from localization_heads.bbox import grid_to_image
+from localization_heads.evaluate import iou_xyxy
+from localization_heads.layout import Geometry
 
 PRED, GT, VIEW = "#00e000", "#ff2a2a", "magenta"   # predicted box, ground-truth box, the model's view (crop)
 OUTLINE = "white"                                  # the image's outline on the raw grid maps

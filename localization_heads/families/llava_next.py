@@ -30,9 +30,9 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaOnevisionProcessor
 from transformers.image_processing_utils import select_best_resolution
 
-from adapters.base import ImageTextAdapter, Prepared, chat_prompt
-from dataio import InputError
-from layout import Layout
+from localization_heads.families.base import ImageTextAdapter, Prepared, chat_prompt
+from localization_heads.dataio import InputError
+from localization_heads.layout import Layout
 
 # Equal spacing of cell centres (canvas pixels) up to float noise.
 _UNIFORM_TOL = 1e-6

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataio import InputError
+from localization_heads.dataio import InputError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from dataio import InputError
-from layout import Layout
+from localization_heads.dataio import InputError
+from localization_heads.layout import Layout
 
 
 @dataclass

@@ -23,9 +23,9 @@ import transformers
 from PIL import Image
 from transformers import AutoProcessor
 
-from adapters.base import ImageTextAdapter, Prepared, chat_prompt, token_positions
-from dataio import InputError
-from layout import Layout
+from localization_heads.families.base import ImageTextAdapter, Prepared, chat_prompt, token_positions
+from localization_heads.dataio import InputError
+from localization_heads.layout import Layout
 
 PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
                      "qwen3_vl": "Qwen3VLProcessor"}

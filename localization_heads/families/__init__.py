@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
-from capture import register_capture
-from dataio import InputError
+from localization_heads.capture import register_capture
+from localization_heads.dataio import InputError
 
 # family → "module:Class". model.family=auto picks one with detect_family().
 FAMILIES = {
-    "llava_original": "llava.original:OriginalLlavaAdapter",
-    "llava_hf": "llava.hf:HFLlavaAdapter",
-    "llava_next": "adapters.llava_next:LlavaNextAdapter",
-    "llava_onevision": "adapters.llava_next:LlavaOnevisionAdapter",
-    "internvl": "adapters.internvl:InternVLAdapter",
-    "gemma3": "adapters.gemma3:Gemma3Adapter",
-    "paligemma": "adapters.paligemma:PaliGemmaAdapter",
-    "idefics3": "adapters.idefics3:Idefics3Adapter",
-    "smolvlm": "adapters.idefics3:SmolVLMAdapter",
-    "qwen_vl": "adapters.qwen_vl:QwenVLAdapter",
+    "llava_original": "localization_heads.families.llava:OriginalLlavaAdapter",
+    "llava_hf": "localization_heads.families.llava:HFLlavaAdapter",
+    "llava_next": "localization_heads.families.llava_next:LlavaNextAdapter",
+    "llava_onevision": "localization_heads.families.llava_next:LlavaOnevisionAdapter",
+    "internvl": "localization_heads.families.internvl:InternVLAdapter",
+    "gemma3": "localization_heads.families.gemma3:Gemma3Adapter",
+    "paligemma": "localization_heads.families.paligemma:PaliGemmaAdapter",
+    "idefics3": "localization_heads.families.idefics3:Idefics3Adapter",
+    "smolvlm": "localization_heads.families.idefics3:SmolVLMAdapter",
+    "qwen_vl": "localization_heads.families.qwen_vl:QwenVLAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {

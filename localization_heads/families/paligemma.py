@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from adapters.base import ImageTextAdapter, Prepared, position_ids_from_mask
-from layout import Layout
+from localization_heads.families.base import ImageTextAdapter, Prepared, position_ids_from_mask
+from localization_heads.layout import Layout
 
 
 class PaliGemmaAdapter(ImageTextAdapter):

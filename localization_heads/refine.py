@@ -27,10 +27,10 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-import bbox
-import viz
-from images import load_image
-from dataio import InputError, atomic_write_bytes, safe_output_path
+from localization_heads import bbox
+from localization_heads import viz
+from localization_heads.images import load_image
+from localization_heads.dataio import InputError, atomic_write_bytes, safe_output_path
 
 log = logging.getLogger("refine")
 REFINERS = ("none", "sam")
@@ -121,8 +121,8 @@ def load_refiner(cfg: DictConfig) -> SamRefiner | None:
         raise InputError(f"logic.mask.refine={method!r} is unknown; use one of {', '.join(REFINERS)}")
     if method == "none":
         return None
-    from adapters import resolve_device
-    from settings import model_path, run_device
+    from localization_heads.families import resolve_device
+    from localization_heads.settings import model_path, run_device
 
     device = resolve_device(run_device(cfg), int(cfg.model.get("device_id", 0)))
     # Room for the images of two forward batches: rows of one image often straddle a batch boundary.

@@ -16,13 +16,13 @@ from urllib.parse import urlparse
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from adapters import FAMILIES
-from adapters.base import QUERY_AT
-from bbox import MASK_METHODS, THRESHOLDS
-from dataio import InputError, id_problem, jsonl_objects
-from llava.conversation import TEMPLATES
-from refine import REFINERS
-from settings import ATTN_DTYPES, fixed_heads, model_dir, model_path
+from localization_heads.families import FAMILIES
+from localization_heads.families.base import QUERY_AT
+from localization_heads.bbox import MASK_METHODS, THRESHOLDS
+from localization_heads.dataio import InputError, id_problem, jsonl_objects
+from localization_heads.families.llava import TEMPLATES
+from localization_heads.refine import REFINERS
+from localization_heads.settings import ATTN_DTYPES, fixed_heads, model_dir, model_path
 
 MAX_LISTED = 50   # problems shown; a 10k-row file with one systematic error stays readable
 

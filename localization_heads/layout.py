@@ -23,7 +23,7 @@ Analysis needs one map per head. `analysis_view` gives it:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import sparse
@@ -183,3 +183,24 @@ def analysis_record(record: dict) -> dict:
     attn, view = analysis_view(record["attn"], layout)
     return {"attn": attn, "meta": dict(record["meta"], layout=view.to_dict(), **legacy_keys(view))}
 
+
+@dataclass(frozen=True)
+class Geometry:
+    """Recorded in every attention file's meta so a map can be put back on the image."""
+
+    method: str                                  # "pad", "crop", "resize" or combinations "pad+crop"
+    image_size: tuple[int, int]                  # original (W, H)
+    grid: tuple[int, int]                        # (rows, cols) of visual tokens
+    grid_box: tuple[float, float, float, float]  # original-pixel rectangle the grid spans
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def layout(self) -> Layout:
+        """The one-map layout of this grid."""
+        return Layout.single(self.method, self.image_size, self.grid, self.grid_box)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(d["method"], tuple(d["image_size"]), tuple(d["grid"]), tuple(float(v) for v in d["grid_box"]))

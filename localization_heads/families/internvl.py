@@ -24,8 +24,8 @@ from PIL import Image
 from transformers import InternVLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from adapters.base import ImageTextAdapter, Prepared, chat_prompt
-from layout import Layout
+from localization_heads.families.base import ImageTextAdapter, Prepared, chat_prompt
+from localization_heads.layout import Layout
 
 
 class ImageOnlyInternVLProcessor(InternVLProcessor):

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from dataio import InputError
+from localization_heads.dataio import InputError
 
 LOCK_FILE = ".rows.lock"
 LISTED = 5

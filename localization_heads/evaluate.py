@@ -29,10 +29,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-import cocomask
-from dataio import InputError, atomic_write_json, atomic_write_text, read_jsonl, resolve_path, safe_output_path
-from progress import track
-from settings import row_source, source_change
+from localization_heads import cocomask
+from localization_heads.dataio import InputError, atomic_write_json, atomic_write_text, read_jsonl, resolve_path, safe_output_path
+from localization_heads.progress import track
+from localization_heads.settings import row_source, source_change
 
 THRESHOLDS = (0.25, 0.5, 0.75)
 MAX_LISTED = 100  # evaluation.json stays readable on a 10k-row split; the CSV has every row

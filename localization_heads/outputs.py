@@ -8,14 +8,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-import analyze as analysis
-import bbox
-import refine
-import viz
-from images import load_image
-from layout import analysis_record
-from dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, file_stamps, safe_output_path
-from settings import box_settings, fixed_heads
+from localization_heads import analyze as analysis
+from localization_heads import bbox
+from localization_heads import refine
+from localization_heads import viz
+from localization_heads.images import load_image
+from localization_heads.layout import analysis_record
+from localization_heads.dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, file_stamps, safe_output_path
+from localization_heads.settings import box_settings, fixed_heads
 
 
 def run_analysis(record: dict, cfg: DictConfig) -> dict:

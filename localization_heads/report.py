@@ -36,18 +36,18 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 
-import analyze
-import evaluate
-import viz
-from bbox import combine_heads, grid_to_image
-from collector import load_attention
-from layout import analysis_record
-from images import load_image
-from dataio import InputError, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path
-from llava.geometry import Geometry
-from outputs import load_analysis
-from progress import track
-from settings import model_dir
+from localization_heads import analyze
+from localization_heads import evaluate
+from localization_heads import viz
+from localization_heads.bbox import combine_heads, grid_to_image
+from localization_heads.collector import load_attention
+from localization_heads.layout import analysis_record
+from localization_heads.images import load_image
+from localization_heads.dataio import InputError, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path
+from localization_heads.layout import Geometry
+from localization_heads.outputs import load_analysis
+from localization_heads.progress import track
+from localization_heads.settings import model_dir
 
 log = logging.getLogger("report")
 

@@ -14,7 +14,7 @@ Shards share one output folder. Per-id files cannot clash (disjoint ids); the fa
 from __future__ import annotations
 
 import hashlib
-from dataio import InputError
+from localization_heads.dataio import InputError
 
 
 

@@ -25,9 +25,9 @@ from transformers import AutoProcessor
 from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from adapters.base import ImageTextAdapter, Prepared, chat_prompt
-from adapters.internvl import tiles_layout
-from layout import Layout
+from localization_heads.families.base import ImageTextAdapter, Prepared, chat_prompt
+from localization_heads.families.internvl import tiles_layout
+from localization_heads.layout import Layout
 
 
 class Idefics3Adapter(ImageTextAdapter):

@@ -1,1 +1,0 @@
-"""Minimal LLaVA components on stock transformers: prompt templates, adapters per checkpoint format."""
