@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import Llama4Config, Llama4ForConditionalGeneration
 
-from localization_heads.collector import capture_rows
+from localization_heads.collector import capture_rows, collect
 from localization_heads.dataio import InputError
 from localization_heads.families import load_adapter
 from localization_heads.families.llama4 import Llama4Adapter, canvas_resize
@@ -182,6 +182,26 @@ def test_canvas_resize_keeps_the_aspect_and_caps_upscaling():
     assert canvas_resize((250, 70), (1, 3), 112, False) == (250, 70)
     # ... unless resize_to_max_canvas: width fitted to 336, height 70 · 336 / 250 floored.
     assert canvas_resize((250, 70), (1, 3), 112, True) == (336, 94)
+
+
+@needs_torchvision
+def test_generate_mode_captures_the_first_generated_token(pair):
+    """The record (one forward pass over prompt + first token) equals eager attention of the model's own
+    first decoding step. The chunked layers' cache keeps only the last `attention_chunk_size` keys: their
+    eager rows are right-aligned on the sequence (earlier keys lie in past chunks: weight 0 either way)."""
+    fast, eager = pair
+    image, query = coord_image(*WIDE), "the red circle ."
+    (record,) = collect(fast, [image], [query], use_generate=True, gen_kwargs={"max_new_tokens": 2})
+    prepared = eager.prepare([image], [query])
+    with torch.inference_mode():
+        out = eager.model.generate(**eager.call_inputs(prepared), max_new_tokens=2, do_sample=False,
+                                   output_attentions=True, return_dict_in_generate=True, **eager.generate_kwargs)
+    length = prepared.inputs["input_ids"].shape[1] + 1
+    step = torch.zeros(fast.num_layers, fast.num_heads, length)                # [L, H, N + 1]
+    for layer, attention in enumerate(out.attentions[1]):                       # each [1, H, 1, keys kept]
+        step[layer, :, length - attention.shape[-1]:] = attention[0, :, -1].float()
+    assert [a.shape[-1] for a in out.attentions[1]] == [CHUNK] * 3 + [length]
+    torch.testing.assert_close(record["attn"], step[:, :, prepared.image_positions[0]].unsqueeze(2), atol=1e-5, rtol=0)
 
 
 @needs_torchvision
