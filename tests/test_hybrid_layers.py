@@ -176,6 +176,6 @@ def test_layer_types_give_the_attention_layers():
     assert attention_layers(config) == [3, 7]
     config.layer_types = ["conv", "full_attention", "sliding_attention", "conv"] * 2
     assert attention_layers(config) == [1, 2, 5, 6]
-    config.layer_types = ["full_attention"] * 7 + ["mamba"]
-    with pytest.raises(InputError, match=r"text_config.layer_types\[7\]='mamba'"):
+    config.layer_types = ["full_attention"] * 7 + ["hybrid"]   # attention and a recurrent state in one layer
+    with pytest.raises(InputError, match=r"text_config.layer_types\[7\]='hybrid'"):
         attention_layers(config)

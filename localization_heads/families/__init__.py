@@ -41,6 +41,8 @@ MODEL_TYPES = {
     "qwen2_vl": "qwen_vl",
     "qwen2_5_vl": "qwen_vl",
     "qwen3_vl": "qwen_vl",
+    "qwen3_5": "qwen_vl",
+    "qwen3_5_moe": "qwen_vl",
 }
 
 
