@@ -27,6 +27,7 @@ FAMILIES = {
     "idefics3": "localization_heads.families.idefics3:Idefics3Adapter",
     "smolvlm": "localization_heads.families.idefics3:SmolVLMAdapter",
     "qwen_vl": "localization_heads.families.qwen_vl:QwenVLAdapter",
+    "lfm2_vl": "localization_heads.families.lfm2_vl:Lfm2VlAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -43,6 +44,7 @@ MODEL_TYPES = {
     "qwen3_vl": "qwen_vl",
     "qwen3_5": "qwen_vl",
     "qwen3_5_moe": "qwen_vl",
+    "lfm2_vl": "lfm2_vl",
 }
 
 
