@@ -20,7 +20,7 @@ from localization_heads.settings import box_settings, fixed_heads
 
 def run_analysis(record: dict, cfg: DictConfig) -> dict:
     view = analysis_record(record)
-    return analysis.analyze(view["attn"], tuple(view["meta"]["grid"]), cfg.logic)
+    return analysis.analyze(view["attn"], tuple(view["meta"]["grid"]), cfg.logic, view["meta"].get("layers"))
 
 
 def describe_analysis(result: dict) -> str:
@@ -44,12 +44,13 @@ def heads_for(result: dict, record: dict, cfg: DictConfig) -> tuple[list[dict], 
                       f"{len(chosen)} head(s) with the largest attention sum (logic.threshold.min_keep="
                       f"{cfg.logic.threshold.min_keep})")
         return chosen, source
-    num_layers, num_heads = record["attn"].shape[:2]
-    bad = [(l, h) for l, h in fixed if not (0 <= l < num_layers and 0 <= h < num_heads)]
+    by_index = {(r["layer"], r["head"]): r for r in result["heads"]}   # model layer indices
+    bad = [tuple(p) for p in fixed if tuple(p) not in by_index]
     if bad:
-        raise InputError(f"logic.heads {bad} outside this model's {num_layers} layers × {num_heads} heads")
-    by_index = {(r["layer"], r["head"]): r for r in result["heads"]}
-    return [by_index[p] for p in fixed], source
+        layers = sorted({r["layer"] for r in result["heads"]})
+        raise InputError(f"logic.heads {bad} outside this model's heads: attention layers {layers} (model indices) × "
+                         f"{record['attn'].shape[1]} heads")
+    return [by_index[tuple(p)] for p in fixed], source
 
 
 def figure_suffix(cfg: DictConfig) -> str:
