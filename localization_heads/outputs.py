@@ -82,16 +82,22 @@ def figure_suffix(logic: LogicSettings) -> str:
     return f"_top{len(logic.fixed_heads) if logic.fixed_heads else int(logic.top_k)}.png"
 
 
-def ground(record: dict, result: dict, logic: LogicSettings, refiner: refine.SamRefiner | None = None) -> dict:
+def ground(record: dict, result: dict, logic: LogicSettings, refiner: refine.SamRefiner | None = None,
+           image: tuple[str, object] | None = None) -> dict:
     """The box step of one analysed record (what the CLI writes and the API returns): {"view": the
     record on its one-map analysis view, "layout": that view's Layout, "heads": the head records
     combined, "heads_source", "loc": bbox.localize's grid_map/heat/mask/bbox_xyxy, "mask": the mask
-    to write (SAM's when it refined it), "refinement": what refined it or None}."""
+    to write (SAM's when it refined it), "refinement": what refined it or None}. image: (key, RGB
+    image) for SAM when the record has no image file (the API's in-memory images)."""
     view = analysis_record(record)
     layout = Layout.from_meta(view["meta"])
     heads, source = heads_for(result, view, logic)
     loc = bbox.localize(view["attn"], layout, [(h["layer"], h["head"]) for h in heads], logic)
-    mask, refinement = refine.refine(refiner, loc, view["meta"], logic.mask)
+    meta = view["meta"]
+    if refiner is not None and image is not None:
+        refiner.encode([image])
+        meta = dict(meta, image_file=image[0])
+    mask, refinement = refine.refine(refiner, loc, meta, logic.mask)
     return {"view": view, "layout": layout, "heads": heads, "heads_source": source, "loc": loc, "mask": mask,
             "refinement": refinement}
 
