@@ -68,8 +68,8 @@ def test_result_is_on_the_original_image(grounder):
 
 def test_a_pil_image_grounds_like_its_file(grounder):
     path = IMAGES / "toy_wide.png"
-    from_file = grounder.ground(path, "the big red square .")
-    from_pil = grounder.ground(Image.open(path), "the big red square .")
+    from_file = grounder.ground(path, "the square on the right .")
+    from_pil = grounder.ground(Image.open(path), "the square on the right .")
     assert from_pil.box == from_file.box and from_pil.heads == from_file.heads
     np.testing.assert_array_equal(from_pil.mask, from_file.mask)
     assert "image_file" not in from_pil.attention["meta"]
@@ -79,7 +79,7 @@ def test_ground_batch_keeps_the_order_and_loads_the_model_once(grounder, monkeyp
     loads = []
     monkeypatch.setattr(settings, "load_adapter_from", lambda cfg: loads.append(1))
     names = ["toy_tall.png", "toy_wide.png", "toy_square.png"]
-    queries = [QUERY, "the big red square .", "the blue triangle ."]
+    queries = [QUERY, "the square on the right .", "the green triangle ."]
     batched = grounder.ground_batch([IMAGES / n for n in names], queries, batch_size=2)
     assert [r.query for r in batched] == queries and loads == []
     for name, query, r in zip(names, queries, batched):
