@@ -8,7 +8,7 @@ selected_heads.json read) once per run, never per row.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from localization_heads.dataio import InputError
@@ -195,9 +195,6 @@ class Settings:
         already checked it."""
         return cls(stage=str(cfg.stage), model=ModelSettings.from_config(cfg.model),
                    logic=LogicSettings.from_config(cfg.logic), data=DataSettings.from_config(cfg.data))
-
-    def replace(self, **changes) -> "Settings":
-        return replace(self, **changes)
 
 
 _NESTED = {("LogicSettings", "threshold"): ThresholdSettings, ("LogicSettings", "entropy"): EntropySettings,

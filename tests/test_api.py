@@ -4,6 +4,8 @@ batches, the public helpers, and an import that changes nothing."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +148,21 @@ def test_importing_the_package_changes_nothing_and_loads_nothing_heavy():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Grounder" in proc.stdout and localization_heads.Grounder is Grounder
+
+
+def test_the_example_in_docs_api_prints_what_the_page_says():
+    """docs/api.md's example, run as written from the repository, prints the page's output (numbers
+    compared to 1e-6 relative: the last bits of a float sum depend on the CPU)."""
+    page = (REPO / "docs" / "api.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
+    expected = page.split("prints", 1)[1].split("```\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = proc.stdout.strip().splitlines()
+    number = r"-?\d+(?:\.\d+)?(?:e-?\d+)?"
+    assert len(got) == len(expected)
+    for line, want in zip(got, expected):
+        assert re.sub(number, "#", line) == re.sub(number, "#", want), (line, want)
+        assert [float(v) for v in re.findall(number, line)] == pytest.approx(
+            [float(v) for v in re.findall(number, want)], rel=1e-6), (line, want)
