@@ -64,6 +64,8 @@ import transformers  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from localization_heads.config import LogicSettings  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 MODES = ("plain", "capture", "eager")
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]   # ids 0..4
@@ -518,7 +520,7 @@ def analysis_ms(samples: int) -> dict:
     tensors = [synthetic_attention(rng) for _ in range(samples)]
     result = {}
     for name in ("selection_v1", "paper"):
-        logic = OmegaConf.load(REPO / "localization_heads" / "conf" / "logic" / f"{name}.yaml")
+        logic = LogicSettings.from_config(OmegaConf.load(REPO / "localization_heads" / "conf" / "logic" / f"{name}.yaml"))
         for attn in tensors[:2]:
             analyze.analyze(attn, (24, 24), logic)
         times = []

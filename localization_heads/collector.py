@@ -33,7 +33,7 @@ from PIL import Image
 from localization_heads.capture import AttentionCapture
 from localization_heads.dataio import InputError, atomic_write_bytes
 from localization_heads.families.base import Adapter, Prepared
-from localization_heads.layout import Layout, legacy_keys
+from localization_heads.layout import Layout
 from localization_heads.families.llava import compute_geometry
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,6 @@ def collect(adapter: Adapter, images: list[Image.Image], queries: list[str], *, 
             "layers": list(adapter.attention_layers),         # model index of each row of L
             "num_heads": adapter.num_heads,
             "layout": layout.to_dict(),
-            **legacy_keys(layout),
             "mode": "generate" if use_generate else "forward",
             "attn_capture": attn_capture,
             "model_dtype": str(adapter.dtype).removeprefix("torch."),
@@ -171,7 +170,9 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def load_attention(path: str | Path) -> dict:
-    """{"attn": float32 [L, H, 1, V], "meta": dict with grid and geometry}; InputError otherwise."""
+    """{"attn": float32 [L, H, 1, V], "meta": dict with its "layout"}; InputError otherwise. Files of
+    every earlier format load: a `geometry` meta (one grid, before layouts) and the reference code's
+    pickles (no geometry at all) get the layout they imply."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: attention file not found; check data.attention_file")
@@ -200,8 +201,9 @@ def load_attention(path: str | Path) -> dict:
 
 
 def _complete_meta(meta: dict, attn: torch.Tensor, path: Path) -> dict:
-    """Reference-code files carry no grid or geometry. LLaVA-1.5 (the only model that code runs)
-    has a square CLIP grid and pads to square, so that is assumed — and logged."""
+    """meta with its "layout" (Layout.from_meta reads the older `geometry` form). Reference-code
+    files carry no grid or geometry: LLaVA-1.5 (the only model that code runs) has a square CLIP
+    grid and pads to square, so that is assumed — and logged."""
     num_vis = attn.shape[-1]
     if "layout" not in meta and "geometry" not in meta:
         if "image_size" not in meta:
@@ -211,8 +213,7 @@ def _complete_meta(meta: dict, attn: torch.Tensor, path: Path) -> dict:
             raise InputError(f"{path}: meta has no 'grid' and V={num_vis} is not square; cannot place the map")
         grid = tuple(meta.get("grid") or (side, side))
         log.warning("%s: reference-format file; assuming grid %s over the image padded to square", path, grid)
-        meta["geometry"] = compute_geometry(tuple(meta["image_size"]), grid, pad=True).to_dict()
-        meta["grid"] = list(grid)
+        meta["layout"] = compute_geometry(tuple(meta["image_size"]), grid, pad=True).to_dict()
     try:
         layout = Layout.from_meta(meta)
     except (KeyError, TypeError, ValueError) as e:

@@ -29,13 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
-from omegaconf import DictConfig
 
 from localization_heads import analyze
 from localization_heads import evaluate
@@ -45,7 +43,7 @@ from localization_heads.collector import load_attention
 from localization_heads.layout import analysis_record
 from localization_heads.images import load_image
 from localization_heads.dataio import InputError, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path
-from localization_heads.layout import Geometry
+from localization_heads.layout import Layout
 from localization_heads.outputs import load_analysis
 from localization_heads.progress import track
 from localization_heads.settings import model_dir
@@ -149,16 +147,22 @@ def metrics(rows: list[Row]) -> dict:
 
 # ---------------------------------------------------------------- figures
 
+def _axes(figsize) -> tuple[Figure, object]:
+    """A one-axes Figure on an Agg canvas, outside pyplot (no global state, notebooks untouched)."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()
 
 
-def find_selection(folder: Path, cfg: DictConfig, rows: list[Row]) -> Path | None:
+def find_selection(folder: Path, cfg, rows: list[Row]) -> Path | None:
     """The selected_heads.json of this folder, else the one the run's boxes were made with."""
-    candidates = [folder / "selected_heads.json", cfg.logic.get("heads")]
+    candidates = [folder / "selected_heads.json", cfg.logic.heads]
     candidates += [r.summary.get("settings", {}).get("logic", {}).get("heads") for r in rows[:1]]
     for c in candidates:
         if isinstance(c, (str, Path)) and Path(c).is_file():
@@ -217,14 +221,13 @@ def heads_figure(selection: dict, shape: tuple[tuple[int, ...], int] | None) -> 
     layer_list, freq = frequency_table(selection, shape)
     row = {layer: i for i, layer in enumerate(layer_list)}
     layers, heads = freq.shape
-    fig, ax = plt.subplots(figsize=(min(12, max(5.5, 2.5 + 0.28 * heads)), min(10, max(3.5, 1.8 + 0.24 * layers))),
-                           layout="constrained")
+    fig, ax = _axes((min(12, max(5.5, 2.5 + 0.28 * heads)), min(10, max(3.5, 1.8 + 0.24 * layers))))
     shown = ax.imshow(freq, cmap="magma", vmin=0, vmax=max(1e-9, freq.max()), aspect="auto", interpolation="nearest")
     bar = fig.colorbar(shown, ax=ax)
     bar.set_label("selection frequency (votes / samples)")
     for layer, head in selection.get("heads", []):
         if layer in row:
-            ax.add_patch(plt.Rectangle((head - 0.5, row[layer] - 0.5), 1, 1, fill=False, ec="#00e5ff", lw=2))
+            ax.add_patch(Rectangle((head - 0.5, row[layer] - 0.5), 1, 1, fill=False, ec="#00e5ff", lw=2))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("head")
     if layer_list == tuple(range(layers)):
@@ -245,7 +248,7 @@ def elbow_figure(mean_sums: np.ndarray, shape: tuple[tuple[int, ...], int], n_fi
     y = mean_sums[order]
     x = np.arange(y.size)
     tau = analyze.chord_elbow(mean_sums)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+    fig, ax = _axes((7.5, 4.2))
     ax.plot(x, y, ".-", color="#444444", ms=3, lw=1, label="heads, sorted")
     ax.plot([0, y.size - 1], [y[0], y[-1]], ":", color="#888888", label="chord")
     ax.axhline(tau, color="#d62728", lw=1.2, label=f"elbow τ = {tau:.3f}")
@@ -288,11 +291,11 @@ def thumbnail(row: Row, folder: Path, thumbs: Path) -> str | None:
     if heads and attn_file.is_file():
         try:
             view = analysis_record(load_attention(attn_file))    # multi-map layouts: their canvas
-            geometry = Geometry.from_dict(view["meta"]["geometry"])
-            grid_map = combine_heads(view["attn"], geometry.grid, heads, float(smoothing.get("sigma", 1.0)),
+            layout = Layout.from_meta(view["meta"])
+            grid_map = combine_heads(view["attn"], layout.one_map.grid, heads, float(smoothing.get("sigma", 1.0)),
                                      mode=str(smoothing.get("mode", "reflect")),
                                      truncate=float(smoothing.get("truncate", 4.0)), layers=view["meta"].get("layers"))
-            heat = grid_to_image(grid_map, geometry)
+            heat = grid_to_image(grid_map, layout)
         except (InputError, KeyError, IndexError, ValueError):
             heat = None
     atomic_write_bytes(thumbs / name, viz.thumbnail_png(image, heat, row.pred, row.gt, THUMB_PX))
@@ -397,13 +400,13 @@ def _rows_csv(rows: list[Row]) -> str:
     return buf.getvalue()
 
 
-def build_report(cfg: DictConfig) -> Path:
-    """Write <folder>/report/index.html (+ figures, thumbnails, rows.csv); return its path."""
-    folder = Path(str(cfg.data.pred_dir)) if cfg.data.get("pred_dir") else model_dir(cfg)
+def build_report(cfg) -> Path:
+    """Write <folder>/report/index.html (+ figures, thumbnails, rows.csv); return its path. cfg: config.Settings."""
+    folder = Path(str(cfg.data.pred_dir)) if cfg.data.pred_dir else model_dir(cfg)
     if not folder.is_dir():
         raise InputError(f"{folder}: run folder not found; run stage=batch first or set data.pred_dir")
     out = folder / "report"
-    rows, source = collect_rows(folder, cfg.data.get("data_file"))
+    rows, source = collect_rows(folder, cfg.data.data_file)
     m = metrics(rows)
 
     figures, notes = [], []

@@ -24,7 +24,7 @@ from localization_heads.capture import AttentionCapture
 from localization_heads.collector import load_attention, save_attention
 from localization_heads.dataio import InputError
 from localization_heads.families.base import attention_layers
-from localization_heads.layout import Layout, legacy_keys
+from localization_heads.layout import Layout
 
 LAYERS = [3, 7, 11]
 HEADS = 2
@@ -47,7 +47,7 @@ def write_record(folder, name: str, layers: list[int] | None = LAYERS) -> str:
     if not image.is_file():
         Image.new("RGB", (SIZE, SIZE), (90, 90, 90)).save(image)
     layout = Layout.single("resize", (SIZE, SIZE), GRID, (0, 0, SIZE, SIZE))
-    meta = {"query": "the thing .", "image_size": [SIZE, SIZE], "layout": layout.to_dict(), **legacy_keys(layout),
+    meta = {"query": "the thing .", "image_size": [SIZE, SIZE], "layout": layout.to_dict(),
             "image_file": str(image), "model_name": "hybrid"}
     if layers is not None:
         meta["layers"] = layers

@@ -55,13 +55,13 @@ class Adapter:
     generate_kwargs: dict = {}
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
-        """What every family reads from the model config; subclasses load the rest."""
+        """What every family reads from the model settings (config.ModelSettings); subclasses load the rest."""
         self.model_name = str(cfg.name)
-        self.conv_mode = str(cfg.get("conv_mode", "auto"))
-        self.query_at = str(cfg.get("query_at", "expression"))
+        self.conv_mode = str(cfg.conv_mode)
+        self.query_at = str(cfg.query_at)
         if self.query_at not in QUERY_AT:
             raise InputError(f"model.query_at={self.query_at!r} is unknown; use one of {', '.join(QUERY_AT)}")
-        self.cache_dir = cfg.get("cache_dir") or None
+        self.cache_dir = cfg.cache_dir or None
         self.device, self.dtype = device, dtype
 
     def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
@@ -149,10 +149,7 @@ class ImageTextAdapter(Adapter):
         """(model.image_kwargs without nulls, the merged image settings every processor call uses):
         the processor's class defaults override its saved preprocessor config, so the layout must read
         the same merged settings as the call."""
-        # Plain containers: a nested setting (size={height, width}) would reach the processor as a DictConfig.
-        given = cfg.get("image_kwargs") or {}
-        given = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else given
-        image_kwargs = {k: v for k, v in given.items() if v is not None}
+        image_kwargs = {k: v for k, v in (cfg.image_kwargs or {}).items() if v is not None}
         merged = self.processor._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs,
                                               images_kwargs=image_kwargs)["images_kwargs"]
         return image_kwargs, merged
