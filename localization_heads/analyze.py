@@ -101,28 +101,39 @@ def bottom_row_focus(maps: np.ndarray, threshold: float = 0.05) -> np.ndarray:
 
 @dataclass(frozen=True)
 class HeadTable:
-    """Per-head measurements of one sample, flat over layer·H + head."""
+    """Per-head measurements of one sample: N heads, all L·H of them or a subset (`flat`)."""
 
     num_heads: int
     attn_sum: np.ndarray          # [N]
     entropy: np.ndarray           # [N]
     n_components: np.ndarray      # [N]
     bottom_row: np.ndarray        # [N] bool
+    flat: np.ndarray | None = None   # [N] ascending flat index layer·H + head of each entry (None: 0..N-1)
+
+    def __post_init__(self):
+        if self.flat is None:
+            object.__setattr__(self, "flat", np.arange(self.attn_sum.size))
 
     def record(self, index: int) -> dict:
         se = float(self.entropy[index])
-        return {"layer": index // self.num_heads, "head": index % self.num_heads,
+        flat = int(self.flat[index])
+        return {"layer": flat // self.num_heads, "head": flat % self.num_heads,
                 "attn_sum": float(self.attn_sum[index]),
                 "spatial_entropy": se if math.isfinite(se) else None,   # strict JSON has no Infinity
                 "bottom_row_focus": bool(self.bottom_row[index]),
                 "n_components": int(self.n_components[index])}
 
 
-def measure_heads(attn, grid: tuple[int, int], logic) -> HeadTable:
-    maps = head_maps(attn, grid)
+def measure_heads(attn, grid: tuple[int, int], logic, heads: list[int] | None = None) -> HeadTable:
+    """The table of every head of attn [L, H, 1, V], or of the flat head indices `heads` only."""
+    layers, num_heads = attn.shape[:2]
+    flat = np.arange(layers * num_heads) if heads is None else np.array(sorted(heads), dtype=np.int64)
+    if heads is not None:   # picked before head_maps, which casts what it is given to float64
+        attn = attn.reshape(layers * num_heads, 1, 1, attn.shape[-1])[flat]     # [N, 1, 1, V]
+    maps = head_maps(attn, grid)                                                 # [N, rows, cols]
     entropy, n_comp = spatial_entropy(maps, logic.entropy.method, float(logic.entropy.binarize_threshold))
-    return HeadTable(attn.shape[1], maps.sum(axis=(1, 2)), entropy, n_comp,
-                     bottom_row_focus(maps, float(logic.filters.bottom_row_threshold)))
+    return HeadTable(num_heads, maps.sum(axis=(1, 2)), entropy, n_comp,
+                     bottom_row_focus(maps, float(logic.filters.bottom_row_threshold)), flat)
 
 
 def entropy_key(entropy: np.ndarray) -> np.ndarray:
@@ -132,12 +143,12 @@ def entropy_key(entropy: np.ndarray) -> np.ndarray:
 
 
 def rank_heads(table: HeadTable, logic, tau: float | None = None) -> list[int]:
-    """Flat head indices that pass criterion 1 and the filters, best first: entropy ascending (on
+    """Entries of `table` (flat head indices when it holds every head) that pass criterion 1 and
+    the filters, best first: entropy ascending (on
     the ENTROPY_TIE_TOL grid), then larger attention sum, then smaller (layer, head).
     τ: given (dataset scope) or the chord elbow of this sample's sums. May be empty."""
     tau = chord_elbow(table.attn_sum) if tau is None else tau
-    index = np.arange(table.attn_sum.size)
-    keep = (table.attn_sum >= tau) & (index // table.num_heads >= int(logic.filters.min_layer)) \
+    keep = (table.attn_sum >= tau) & (table.flat // table.num_heads >= int(logic.filters.min_layer)) \
         & np.isfinite(table.entropy)
     if logic.filters.bottom_row:
         keep &= ~table.bottom_row
@@ -158,11 +169,12 @@ def fallback_heads(table: HeadTable, logic, tau: float) -> list[int]:
     return [int(i) for i in by_sum if not skipped[i]][: int(logic.threshold.min_keep)]
 
 
-def analyze(attn, grid: tuple[int, int], logic) -> dict:
+def analyze(attn, grid: tuple[int, int], logic, heads: list[int] | None = None) -> dict:
     """Per-sample analysis: {"tau", "ranked": [head records, best first], "fallback", "heads": all
     records}. "ranked" holds the heads passing the criteria and filters or, when none does
-    ("fallback": true), the fallback_heads."""
-    table = measure_heads(attn, grid, logic)
+    ("fallback": true), the fallback_heads. heads: the flat indices layer·H + head to analyse
+    (a heads-only record), τ then being their elbow; None: every head."""
+    table = measure_heads(attn, grid, logic, heads)
     tau = chord_elbow(table.attn_sum)
     ranked = rank_heads(table, logic, tau)
     fallback = not ranked
@@ -187,7 +199,7 @@ def select_heads(tables: list[HeadTable], logic) -> dict:
     per_sample = int(logic.select.per_sample)
     votes: Counter[int] = Counter()
     for table in tables:
-        votes.update(rank_heads(table, logic, tau)[:per_sample])
+        votes.update(int(table.flat[i]) for i in rank_heads(table, logic, tau)[:per_sample])
     # Most votes first; ties by smaller (layer, head) so the result is reproducible.
     ordered = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
     counts = [{"layer": i // num_heads, "head": i % num_heads, "count": c, "frequency": c / len(tables)}

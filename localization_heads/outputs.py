@@ -12,15 +12,50 @@ from localization_heads import analyze as analysis
 from localization_heads import bbox
 from localization_heads import refine
 from localization_heads import viz
+from localization_heads.collector import keep_heads, missing_heads, save_attention, stored_heads
 from localization_heads.images import load_image
 from localization_heads.layout import analysis_record
 from localization_heads.dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, file_stamps, safe_output_path
-from localization_heads.settings import box_settings, fixed_heads
+from localization_heads.settings import attn_dtype, box_settings, fixed_heads
 
 
 def run_analysis(record: dict, cfg: DictConfig) -> dict:
+    """The analysis of every head, or of a heads-only record's stored heads (τ their elbow)."""
+    check_heads(record, cfg)
     view = analysis_record(record)
-    return analysis.analyze(view["attn"], tuple(view["meta"]["grid"]), cfg.logic)
+    stored = stored_heads(view)
+    num_heads = view["attn"].shape[1]
+    flat = None if stored is None else [layer * num_heads + head for layer, head in stored]
+    return analysis.analyze(view["attn"], tuple(view["meta"]["grid"]), cfg.logic, heads=flat)
+
+
+def check_heads(record: dict, cfg: DictConfig) -> None:
+    """A heads-only record serves a logic whose fixed heads it holds, nothing else."""
+    why = missing_heads(stored_heads(record), fixed_heads(cfg.logic)[0])
+    if why:
+        raise InputError(f"{why}; set logic.heads to heads it holds, or collect the row again with "
+                         "data.save_attention=all")
+
+
+def needed_heads(cfg: DictConfig) -> tuple[str, list[tuple[int, int]] | None]:
+    """(data.save_attention, the heads a row's attention file must hold: None for every head).
+    `heads` keeps logic.heads only, so a file holding them serves it; `all` and `none` (which keeps
+    no file, so never asks for one) want every head."""
+    storage = str(cfg.data.save_attention)
+    return storage, fixed_heads(cfg.logic)[0] if storage == "heads" else None
+
+
+def store_attention(out_dir: Path, item_id: str, record: dict, cfg: DictConfig) -> dict:
+    """Write <id>.pkl as data.save_attention asks (all: every head; heads: logic.heads only, [k, 1, V];
+    none: no file) and return the record as written, rows rounded to data.attn_dtype, so outputs
+    made from it equal those a rerun makes from the file."""
+    storage, heads = needed_heads(cfg)
+    if storage == "heads":
+        record = keep_heads(record, heads)
+    dtype = attn_dtype(cfg)
+    if storage != "none":
+        save_attention(safe_output_path(out_dir, item_id, ".pkl"), record, dtype)
+    return dict(record, attn=record["attn"].to(dtype).float())
 
 
 def describe_analysis(result: dict) -> str:
@@ -62,12 +97,14 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
                   figure: bool, refiner: refine.SamRefiner | None = None) -> dict:
     """<id>_analysis.pkl, <id>_mask.png (+ <id>_mask_coarse.png when SAM refines it), <id>_bbox.json
     and (figure=True) <id>_top{K}.png. refiner: SAM loaded once by the caller; else loaded here if asked for."""
+    check_heads(record, cfg)
     record = analysis_record(record)
     heads, source = heads_for(result, record, cfg)
     loc = bbox.localize(record["attn"], record["meta"], [(h["layer"], h["head"]) for h in heads], cfg.logic)
     mask, refinement = refine.refine(refiner or refine.load_refiner(cfg), loc, record["meta"], cfg.logic.mask)
     figure_name = figure_suffix(cfg) if figure else None
-    suffixes = [".pkl", "_analysis.pkl", "_mask.png"] + (["_mask_coarse.png"] if refinement is not None else []) \
+    # No <id>.pkl with data.save_attention=none
+    suffixes = [".pkl"] * (out_dir / f"{item_id}.pkl").is_file() + ["_analysis.pkl", "_mask.png"] + (["_mask_coarse.png"] if refinement is not None else []) \
         + ([figure_name] if figure else [])
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_analysis.pkl"), pickle.dumps(result))
     refine.write_masks(out_dir, item_id, loc["mask"], mask, refined=refinement is not None)
@@ -95,6 +132,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
         "settings": box_settings(cfg),
         "collect_settings": record["meta"].get("collect_settings"),
         "source": record["meta"].get("source"),   # the row's inputs (settings.row_source)
+        "stored_heads": stored_heads(record),   # what <id>.pkl holds (null: every head)
         "row_files": file_stamps(out_dir, [f"{item_id}{s}" for s in suffixes]),
     }
     # The bbox file is written last: its presence marks the item complete (batch resume).

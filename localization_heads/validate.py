@@ -37,6 +37,7 @@ CHOICES = {
                              "grid-wrap"),   # scipy.ndimage's boundary modes
     "logic.mask.refine": REFINERS,
     "data.attn_dtype": tuple(ATTN_DTYPES),
+    "data.save_attention": ("all", "heads", "none"),
     "logic.threshold.method": ("chord",),
     "logic.threshold.scope": ("sample", "dataset"),
     "logic.entropy.method": ("size", "mass"),
@@ -111,6 +112,12 @@ def config_problems(cfg: DictConfig) -> list[str]:
         negative = [pair for pair in heads or [] if min(pair) < 0]
         if negative:
             problems.append(f"logic.heads: {negative} are negative; layer and head indices start at 0")
+        if value("data.save_attention") == "heads" and heads is None:
+            problems.append("data.save_attention=heads keeps the rows of logic.heads only, and logic.heads is null; "
+                            "set logic.heads (e.g. to stage=select's selected_heads.json) or use data.save_attention=all")
+    if value("data.save_attention") == "none" and value("stage") in ("collect", "pipeline"):
+        problems.append(f"data.save_attention=none: stage={value('stage')} passes the attention on in <id>.pkl; "
+                        "use all or heads (stage=batch writes its outputs without it)")
     return problems
 
 
