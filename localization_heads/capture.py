@@ -48,7 +48,15 @@ class AttentionCapture:
         if missing:
             raise RuntimeError(f"attention capture missed layers {missing[:5]} of step {step}: the language model "
                                f"does not run attn_implementation={CAPTURE_ATTN!r} through transformers' AttentionInterface")
-        return torch.stack([got[i] for i in range(num_layers)])
+        return gather([got[i] for i in range(num_layers)])
+
+
+def gather(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-layer rows stacked in layer order: [L, ...] on their device, or on the CPU when a device
+    map has spread the layers over several devices."""
+    if len({r.device for r in rows}) > 1:
+        rows = [r.cpu() for r in rows]
+    return torch.stack(rows)
 
 
 def last_row_attention(query, key, attention_mask, scaling: float, softcap: float | None = None) -> torch.Tensor:

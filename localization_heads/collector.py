@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from localization_heads.capture import AttentionCapture
+from localization_heads.capture import AttentionCapture, gather
 from localization_heads.dataio import InputError, atomic_write_bytes
 from localization_heads.families.base import Adapter, Prepared
 from localization_heads.layout import Layout, legacy_keys
@@ -54,7 +54,7 @@ def _rows_from_eager(attentions, num_layers: int, batch: int) -> torch.Tensor:
     if not attentions or len(attentions) != num_layers or any(a is None or a.dim() != 4 for a in attentions):
         raise RuntimeError("output_attentions returned no attention maps; the text model must run eager "
                            "attention (model.attn_capture=eager loads it so)")
-    rows = torch.stack([a[:, :, -1, :].float() for a in attentions])
+    rows = gather([a[:, :, -1, :].float() for a in attentions])
     if rows.shape[1] != batch:
         raise RuntimeError(f"eager attentions have batch {rows.shape[1]}, expected {batch}")
     return rows

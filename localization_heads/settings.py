@@ -11,7 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from localization_heads.dataio import InputError
 from localization_heads.progress import quiet_library_bars
-from localization_heads.shards import shard_device
+from localization_heads.shards import shard_device, shard_gpus
 
 PACKAGE = Path(__file__).resolve().parent
 ATTN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -103,9 +103,21 @@ def attn_dtype(cfg: DictConfig) -> torch.dtype:
     return ATTN_DTYPES[name]
 
 
+def run_gpus(cfg: DictConfig) -> list[int] | None:
+    """With data.gpus_per_shard=g, the GPUs this shard runs on (shards.shard_gpus); else None."""
+    per_shard = cfg.data.get("gpus_per_shard")
+    if not per_shard:
+        return None
+    return shard_gpus(int(cfg.data.shard), int(per_shard), torch.cuda.device_count())
+
+
 def run_device(cfg: DictConfig) -> str:
-    """model.device, or with data.device_per_shard the shard's own GPU (one machine, several GPUs):
-    the device of every model the run loads (the VLM and SAM)."""
+    """model.device, or with data.device_per_shard the shard's own GPU (one machine, several GPUs),
+    or with data.gpus_per_shard the first of the shard's GPUs: the device of every model the run
+    loads (the VLM and SAM)."""
+    gpus = run_gpus(cfg)
+    if gpus:
+        return f"cuda:{gpus[0]}"
     if cfg.data.get("device_per_shard"):
         return shard_device(str(cfg.model.device), int(cfg.data.shard), torch.cuda.device_count())
     return str(cfg.model.device)
@@ -116,7 +128,21 @@ def load_adapter_from(cfg: DictConfig):
 
     quiet_library_bars()
     model_cfg = OmegaConf.merge(cfg.model, {"name": model_path(str(cfg.model.name)), "device": run_device(cfg)})
+    gpus = run_gpus(cfg)
+    if gpus and cfg.model.get("device_map") is not None:
+        model_cfg.max_memory = shard_max_memory(cfg.model.get("max_memory"), gpus)
     return load_adapter(model_cfg, str(cfg.model.attn_capture))
+
+
+def shard_max_memory(max_memory, gpus: list[int]) -> dict:
+    """model.max_memory for a shard on `gpus`: its GPU keys 0..g-1 name the shard's own GPUs; without
+    it, every free byte of those GPUs and of the CPU. The device map then uses no other GPU."""
+    if max_memory is None:
+        from accelerate.utils import get_max_memory
+
+        free = get_max_memory()
+        return {**{gpu: free[gpu] for gpu in gpus}, "cpu": free["cpu"]}
+    return {(gpus[key] if isinstance(key, int) else key): value for key, value in max_memory.items()}
 
 
 def fixed_heads(logic: DictConfig) -> tuple[list[tuple[int, int]] | None, str]:
