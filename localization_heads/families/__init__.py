@@ -27,6 +27,10 @@ FAMILIES = {
     "idefics3": "localization_heads.families.idefics3:Idefics3Adapter",
     "smolvlm": "localization_heads.families.idefics3:SmolVLMAdapter",
     "qwen_vl": "localization_heads.families.qwen_vl:QwenVLAdapter",
+    "molmo2": "localization_heads.families.molmo2:Molmo2Adapter",
+    "aya_vision": "localization_heads.families.aya_vision:AyaVisionAdapter",
+    "glm4v": "localization_heads.families.glm4v:Glm4vAdapter",
+    "llama4": "localization_heads.families.llama4:Llama4Adapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -41,6 +45,12 @@ MODEL_TYPES = {
     "qwen2_vl": "qwen_vl",
     "qwen2_5_vl": "qwen_vl",
     "qwen3_vl": "qwen_vl",
+    "molmo2": "molmo2",
+    "aya_vision": "aya_vision",
+    "glm4v": "glm4v",
+    "glm4v_moe": "glm4v",
+    "glm46v": "glm4v",
+    "llama4": "llama4",
 }
 
 

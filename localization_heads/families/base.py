@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForImageTextToText
@@ -150,7 +151,10 @@ class ImageTextAdapter(Adapter):
         """(model.image_kwargs without nulls, the merged image settings every processor call uses):
         the processor's class defaults override its saved preprocessor config, so the layout must read
         the same merged settings as the call."""
-        image_kwargs = {k: v for k, v in (cfg.get("image_kwargs") or {}).items() if v is not None}
+        # Plain containers: a nested setting (size={height, width}) would reach the processor as a DictConfig.
+        given = cfg.get("image_kwargs") or {}
+        given = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else given
+        image_kwargs = {k: v for k, v in given.items() if v is not None}
         merged = self.processor._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs,
                                               images_kwargs=image_kwargs)["images_kwargs"]
         return image_kwargs, merged
