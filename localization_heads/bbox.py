@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from localization_heads.analyze import head_maps
+from localization_heads.analyze import head_maps, head_row, model_layers
 from localization_heads.layout import Geometry
 
 _EIGHT = np.ones((3, 3), dtype=bool)
@@ -33,14 +33,14 @@ def smooth(grid_map: np.ndarray, sigma: float, mode: str = "reflect", truncate: 
 
 
 def combine_heads(attn, grid: tuple[int, int], heads: list[tuple[int, int]], sigma: float, *,
-                  mode: str = "reflect", truncate: float = 4.0) -> np.ndarray:
-    """Sum of the smoothed maps of heads [(layer, head), ...] → grid (rows, cols), float64.
-    No heads → all zeros (a flat map: no mask, no box)."""
+                  mode: str = "reflect", truncate: float = 4.0, layers=None) -> np.ndarray:
+    """Sum of the smoothed maps of heads [(model layer, head), ...] → grid (rows, cols), float64.
+    layers: meta["layers"] (None: 0..L−1). No heads → all zeros (a flat map: no mask, no box)."""
     maps = head_maps(attn, grid)                                      # [L·H, rows, cols]
-    num_heads = attn.shape[1]
+    layers = model_layers(layers, attn.shape[0])
     combined = np.zeros(grid, dtype=np.float64)
     for layer, head in heads:
-        combined += smooth(maps[layer * num_heads + head], sigma, mode, truncate)
+        combined += smooth(maps[head_row(layers, attn.shape[1], layer, head)], sigma, mode, truncate)
     return combined
 
 
@@ -137,5 +137,5 @@ def localize(attn, meta: dict, heads: list[tuple[int, int]], logic) -> dict:
     geometry = Geometry.from_dict(meta["geometry"])
     smoothing = logic.smoothing
     grid_map = combine_heads(attn, geometry.grid, heads, float(smoothing.sigma), mode=str(smoothing.mode),
-                             truncate=float(smoothing.truncate))
+                             truncate=float(smoothing.truncate), layers=meta.get("layers"))
     return locate(grid_map, geometry, logic.mask)

@@ -121,8 +121,9 @@ def stage_select(cfg: DictConfig) -> dict:
         if record["meta"].get("split", "train") != "train":
             held_out.append(f"{p.name} (split={record['meta']['split']})")
         view = analysis_record(record)
-        tables.append(analysis.measure_heads(view["attn"], tuple(view["meta"]["grid"]), cfg.logic))
-    if len({(t.attn_sum.size, t.num_heads) for t in tables}) != 1:
+        tables.append(analysis.measure_heads(view["attn"], tuple(view["meta"]["grid"]), cfg.logic,
+                                             view["meta"].get("layers")))
+    if len({(tuple(t.layers), t.num_heads) for t in tables}) != 1:
         raise InputError(f"{folder}: attention files of different model shapes; select one model at a time")
     if held_out and not cfg.logic.select.allow_non_train:
         raise InputError(f"{folder}: {len(held_out)} attention files come from non-train rows, e.g. {held_out[0]}; "

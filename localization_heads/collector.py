@@ -1,5 +1,10 @@
 """Collect the last text token's attention over the image tokens: [L, H, 1, V] per sample.
 
+L counts the language model's layers WITH softmax attention: every layer of a dense model, only the
+attention layers of a hybrid one (Qwen3.5's linear-attention and LFM2's convolution layers have no
+attention weights). meta["layers"] lists the model index of each row of L; files without it read as
+0..L−1. Heads are named by (model layer, head) everywhere downstream.
+
 Forward mode (default): one prefill; the query is the last prompt token (the end of the expression).
 Generate mode: `generate` with the configured decoding; the query is the FIRST GENERATED token,
 falling back to the prompt's row when nothing was generated.
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from localization_heads.analyze import head_row
 from localization_heads.capture import AttentionCapture, gather
 from localization_heads.dataio import InputError, atomic_write_bytes
 from localization_heads.families.base import Adapter, Prepared
@@ -49,8 +55,9 @@ def check_query(query) -> str:
 
 
 def _rows_from_eager(attentions, num_layers: int, batch: int) -> torch.Tensor:
-    """[L, B, H, N] last query rows out of `output_attentions`; never trust the flag (an empty
-    tuple under SDPA in transformers 5, None in 4.x, log-sum-exp under flex)."""
+    """[L, B, H, N] last query rows out of `output_attentions` (one map per attention layer: hybrid
+    models return none for their other layers); never trust the flag (an empty tuple under SDPA in
+    transformers 5, None in 4.x, log-sum-exp under flex)."""
     if not attentions or len(attentions) != num_layers or any(a is None or a.dim() != 4 for a in attentions):
         raise RuntimeError("output_attentions returned no attention maps; the text model must run eager "
                            "attention (model.attn_capture=eager loads it so)")
@@ -66,12 +73,13 @@ def capture_rows(adapter: Adapter, prepared: Prepared, *, attn_capture: str = "s
     inputs = adapter.call_inputs(prepared)
     batch = inputs["attention_mask"].shape[0]
     eager = attn_capture == "eager"
-    capture = AttentionCapture(max_steps=1)
+    layers = adapter.attention_layers
+    capture = AttentionCapture(layers, max_steps=1)
     # logits_to_keep=1: the [B, N, vocab] logits are never used and would be the largest tensor
     # of the pass after eager's maps.
     out = adapter.model(**inputs, output_attentions=eager, attention_capture=None if eager else capture,
                         use_cache=False, logits_to_keep=1)
-    rows = _rows_from_eager(out.attentions, adapter.num_layers, batch) if eager else capture.layers(0, adapter.num_layers)
+    rows = _rows_from_eager(out.attentions, len(layers), batch) if eager else capture.layers(0)
     return _checked(rows, adapter, batch)
 
 
@@ -93,9 +101,9 @@ def generate_then_capture(adapter: Adapter, prepared: Prepared, *, attn_capture:
 
 
 def _checked(rows: torch.Tensor, adapter: Adapter, batch: int) -> torch.Tensor:
-    if rows.shape[:3] != (adapter.num_layers, batch, adapter.num_heads) or rows.numel() == 0:
-        raise RuntimeError(f"captured rows have shape {tuple(rows.shape)}, expected "
-                           f"({adapter.num_layers}, {batch}, {adapter.num_heads}, N)")
+    expected = (len(adapter.attention_layers), batch, adapter.num_heads)
+    if rows.shape[:3] != expected or rows.numel() == 0:
+        raise RuntimeError(f"captured rows have shape {tuple(rows.shape)}, expected ({', '.join(map(str, expected))}, N)")
     if not torch.isfinite(rows).all():
         raise RuntimeError("captured attention has non-finite values")
     return rows
@@ -123,7 +131,8 @@ def collect(adapter: Adapter, images: list[Image.Image], queries: list[str], *, 
             "family": getattr(adapter, "family", None),
             "image_size": list(layout.image_size),
             "vis_len": int(positions.numel()),
-            "num_layers": adapter.num_layers,
+            "num_layers": len(adapter.attention_layers),     # the L axis
+            "layers": list(adapter.attention_layers),         # model index of each row of L
             "num_heads": adapter.num_heads,
             "layout": layout.to_dict(),
             **legacy_keys(layout),
@@ -145,12 +154,24 @@ def stored_heads(record: dict) -> list[tuple[int, int]] | None:
     return None if heads is None else [(int(l), int(h)) for l, h in heads]
 
 
+def stored_rows(record: dict, heads: list[tuple[int, int]]) -> list[int]:
+    """Flat indices row·H + head of heads (model layer, head) in record["attn"] [L, H, 1, V]."""
+    num_heads = record["attn"].shape[1]
+    layers = record["meta"].get("layers", range(record["attn"].shape[0]))
+    try:
+        return [head_row(layers, num_heads, layer, head) for layer, head in heads]
+    except ValueError as e:
+        raise InputError(f"logic.heads: {e}") from None
+
+
 def keep_heads(record: dict, heads: list[tuple[int, int]]) -> dict:
-    """The record with only `heads` kept: attn [L, H, 1, V], NaN in every other head."""
-    attn = torch.full_like(record["attn"], float("nan"))
-    index = torch.tensor(heads, dtype=torch.long).T                                   # [2, k]
-    attn[index[0], index[1]] = record["attn"][index[0], index[1]]
-    return {"attn": attn, "meta": dict(record["meta"], stored_heads=[list(p) for p in heads])}
+    """The record with only `heads` (model layer, head) kept: attn [L, H, 1, V], NaN in every other head."""
+    rows = stored_rows(record, heads)
+    flat = record["attn"].reshape(-1, *record["attn"].shape[2:])                        # [L·H, 1, V]
+    kept = torch.full_like(flat, float("nan"))
+    kept[rows] = flat[rows]
+    return {"attn": kept.reshape(record["attn"].shape),
+            "meta": dict(record["meta"], stored_heads=[list(p) for p in heads])}
 
 
 def missing_heads(stored: list | None, needed: list[tuple[int, int]] | None) -> str | None:
@@ -173,8 +194,7 @@ def save_attention(path: str | Path, record: dict, dtype: torch.dtype = torch.fl
     attn = record["attn"]
     heads = stored_heads(record)
     if heads is not None:
-        index = torch.tensor(heads, dtype=torch.long).T                               # [2, k]
-        attn = attn[index[0], index[1]]                                               # [k, 1, V]
+        attn = attn.reshape(-1, *attn.shape[2:])[stored_rows(record, heads)]          # [k, 1, V]
     torch.save({"attn": attn.to(dtype).contiguous(), "meta": meta}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
@@ -242,15 +262,18 @@ def _heads_only(rows: torch.Tensor, meta: dict, path: Path) -> dict:
     if rows.dim() != 3 or rows.shape[:2] != (len(heads), 1):
         raise InputError(f"{path}: 'attn' has shape {tuple(rows.shape)}, expected [k={len(heads)}, 1, V] "
                          f"for the heads {heads}")
-    if any(not (0 <= l < num_layers and 0 <= h < num_heads) for l, h in heads) or len(set(heads)) != len(heads):
-        raise InputError(f"{path}: stored_heads {heads} are not distinct heads of {num_layers} layers × {num_heads} heads")
+    if len(set(heads)) != len(heads):
+        raise InputError(f"{path}: stored_heads {heads} are not distinct heads")
     if not torch.isfinite(rows).all():
         raise InputError(f"{path}: 'attn' holds {int((~torch.isfinite(rows)).sum())} NaN/inf values; "
                          "the file is damaged: collect it again")
     attn = torch.full((num_layers, num_heads, 1, rows.shape[-1]), float("nan"))     # [L, H, 1, V]
-    index = torch.tensor(heads, dtype=torch.long).T                                   # [2, k]
-    attn[index[0], index[1]] = rows
-    return {"attn": attn, "meta": _complete_meta(meta, attn, path)}
+    meta = _complete_meta(meta, attn, path)
+    try:
+        attn.view(-1, 1, rows.shape[-1])[stored_rows({"attn": attn, "meta": meta}, heads)] = rows
+    except InputError as e:
+        raise InputError(f"{path}: stored_heads do not fit the file ({e})") from None
+    return {"attn": attn, "meta": meta}
 
 
 def _complete_meta(meta: dict, attn: torch.Tensor, path: Path) -> dict:
@@ -275,5 +298,11 @@ def _complete_meta(meta: dict, attn: torch.Tensor, path: Path) -> dict:
         raise InputError(f"{path}: layout {[m.grid for m in layout.maps]} does not match V={num_vis} visual tokens")
     meta["layout"] = layout.to_dict()
     meta.setdefault("num_layers", attn.shape[0])
+    layers = meta.setdefault("layers", list(range(attn.shape[0])))   # files before hybrid models: every layer
+    if not (isinstance(layers, (list, tuple)) and len(layers) == attn.shape[0]
+            and all(isinstance(i, int) and i >= 0 for i in layers) and list(layers) == sorted(set(layers))):
+        raise InputError(f"{path}: meta['layers'] = {layers!r} must list {attn.shape[0]} ascending model layer "
+                         "indices, one per row of 'attn'; the file is damaged: collect it again")
+    meta["layers"] = list(layers)
     meta.setdefault("num_heads", attn.shape[1])
     return meta

@@ -12,7 +12,7 @@ from localization_heads import analyze as analysis
 from localization_heads import bbox
 from localization_heads import refine
 from localization_heads import viz
-from localization_heads.collector import keep_heads, missing_heads, save_attention, stored_heads
+from localization_heads.collector import keep_heads, missing_heads, save_attention, stored_heads, stored_rows
 from localization_heads.images import load_image
 from localization_heads.layout import analysis_record
 from localization_heads.dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, file_stamps, safe_output_path
@@ -24,9 +24,9 @@ def run_analysis(record: dict, cfg: DictConfig) -> dict:
     check_heads(record, cfg)
     view = analysis_record(record)
     stored = stored_heads(view)
-    num_heads = view["attn"].shape[1]
-    flat = None if stored is None else [layer * num_heads + head for layer, head in stored]
-    return analysis.analyze(view["attn"], tuple(view["meta"]["grid"]), cfg.logic, heads=flat)
+    layers = view["meta"].get("layers")
+    flat = None if stored is None else stored_rows(view, stored)
+    return analysis.analyze(view["attn"], tuple(view["meta"]["grid"]), cfg.logic, layers, heads=flat)
 
 
 def check_heads(record: dict, cfg: DictConfig) -> None:
@@ -79,12 +79,13 @@ def heads_for(result: dict, record: dict, cfg: DictConfig) -> tuple[list[dict], 
                       f"{len(chosen)} head(s) with the largest attention sum (logic.threshold.min_keep="
                       f"{cfg.logic.threshold.min_keep})")
         return chosen, source
-    num_layers, num_heads = record["attn"].shape[:2]
-    bad = [(l, h) for l, h in fixed if not (0 <= l < num_layers and 0 <= h < num_heads)]
+    by_index = {(r["layer"], r["head"]): r for r in result["heads"]}   # model layer indices
+    bad = [tuple(p) for p in fixed if tuple(p) not in by_index]
     if bad:
-        raise InputError(f"logic.heads {bad} outside this model's {num_layers} layers × {num_heads} heads")
-    by_index = {(r["layer"], r["head"]): r for r in result["heads"]}
-    return [by_index[p] for p in fixed], source
+        layers = sorted({r["layer"] for r in result["heads"]})
+        raise InputError(f"logic.heads {bad} outside this model's heads: attention layers {layers} (model indices) × "
+                         f"{record['attn'].shape[1]} heads")
+    return [by_index[tuple(p)] for p in fixed], source
 
 
 def figure_suffix(cfg: DictConfig) -> str:

@@ -22,7 +22,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.patches import Rectangle
 from PIL import Image, ImageDraw
 
-from localization_heads.analyze import head_maps
+from localization_heads.analyze import head_maps, head_row, model_layers
 from localization_heads.bbox import grid_to_image
 from localization_heads.evaluate import iou_xyxy
 from localization_heads.layout import Geometry
@@ -178,7 +178,7 @@ def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result
     image, geometry, result, gt = _bounded(image, Geometry.from_dict(meta["geometry"]), result,
                                            as_box(meta.get("gt_bbox")))
     maps = head_maps(attn, geometry.grid)                                    # [L·H, rows, cols]
-    num_heads = attn.shape[1]
+    layers = model_layers(meta.get("layers"), attn.shape[0])
     cols = max(3, len(heads))
     width_in = 3.9 * cols
     fig, axes = plt.subplots(3, cols, figsize=(width_in, 11.6), squeeze=False, layout="constrained")
@@ -210,7 +210,7 @@ def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result
     top[2].set_title(f"{mask_label} (white = foreground)", fontsize=FONT)
 
     for i, rec in enumerate(heads):
-        grid_map = maps[rec["layer"] * num_heads + rec["head"]]
+        grid_map = maps[head_row(layers, attn.shape[1], rec["layer"], rec["head"])]
         title = f"L{rec['layer']} H{rec['head']} raw {geometry.grid[0]}×{geometry.grid[1]} grid\n" \
                 f"{_entropy_text(rec.get('spatial_entropy'))}" + \
                 (f", S {rec['attn_sum']:.2f}" if rec.get("attn_sum") is not None else "")

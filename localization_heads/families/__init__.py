@@ -31,6 +31,7 @@ FAMILIES = {
     "aya_vision": "localization_heads.families.aya_vision:AyaVisionAdapter",
     "glm4v": "localization_heads.families.glm4v:Glm4vAdapter",
     "llama4": "localization_heads.families.llama4:Llama4Adapter",
+    "lfm2_vl": "localization_heads.families.lfm2_vl:Lfm2VlAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -51,6 +52,9 @@ MODEL_TYPES = {
     "glm4v_moe": "glm4v",
     "glm46v": "glm4v",
     "llama4": "llama4",
+    "qwen3_5": "qwen_vl",
+    "qwen3_5_moe": "qwen_vl",
+    "lfm2_vl": "lfm2_vl",
 }
 
 

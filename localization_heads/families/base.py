@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import OmegaConf
-from PIL import Image
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from localization_heads.dataio import InputError
@@ -46,7 +45,8 @@ class Adapter:
     model_name: str
     model: torch.nn.Module     # the module whose forward/generate take call_inputs(prepared)
     tokenizer: object
-    num_layers: int
+    num_layers: int            # decoder layers of the language model
+    attention_layers: list[int]   # model indices of those with softmax attention: the L axis of every record
     num_heads: int
     conv_mode: str
     device: torch.device
@@ -144,6 +144,7 @@ class ImageTextAdapter(Adapter):
         # A generated placeholder would be taken for an image on the capture pass.
         self.generate_kwargs = {"suppress_tokens": [self.image_token_id]}
         self.num_layers = config.text_config.num_hidden_layers
+        self.attention_layers = attention_layers(config.text_config)
         self.num_heads = config.text_config.num_attention_heads
         return config
 
@@ -199,6 +200,33 @@ def input_device(model: torch.nn.Module) -> torch.device:
     if getattr(hook, "execution_device", None) is not None:
         return torch.device(hook.execution_device)
     return embed.weight.device
+
+
+# text_config.layer_types values: layers with softmax attention (captured) and layers without it
+# (Qwen3.5's Gated DeltaNet, LFM2's short convolution). Any other value is refused, never guessed.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+OTHER_LAYER_TYPES = ("linear_attention", "conv")
+
+
+def attention_layers(text_config) -> list[int]:
+    """Model indices of the layers with softmax attention: every layer, or those `layer_types` marks
+    as attention (hybrid models). An unknown layer type is an InputError naming it."""
+    count = text_config.num_hidden_layers
+    types = getattr(text_config, "layer_types", None)
+    if types is None:
+        return list(range(count))
+    if len(types) != count:
+        raise InputError(f"text_config.layer_types has {len(types)} entries for num_hidden_layers={count}; "
+                         "the checkpoint's config.json is inconsistent")
+    for i, kind in enumerate(types):
+        if kind not in ATTENTION_LAYER_TYPES + OTHER_LAYER_TYPES:
+            raise InputError(f"text_config.layer_types[{i}]={kind!r} is a layer type this tool does not know "
+                             f"(attention: {', '.join(ATTENTION_LAYER_TYPES)}; without attention: "
+                             f"{', '.join(OTHER_LAYER_TYPES)})")
+    layers = [i for i, kind in enumerate(types) if kind in ATTENTION_LAYER_TYPES]
+    if not layers:
+        raise InputError("text_config.layer_types has no attention layer; there are no heads to capture")
+    return layers
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -241,6 +241,7 @@ class OriginalLlavaAdapter(Adapter):
         self.pad = raw_config.get("image_aspect_ratio") == "pad"
         self.pad_fill = tuple(int(x * 255) for x in self.image_processor.image_mean)  # (122, 116, 104) for CLIP
         self.num_layers = llama_config.num_hidden_layers
+        self.attention_layers = list(range(self.num_layers))
         self.num_heads = llama_config.num_attention_heads
         side = self.vision_tower.config.image_size // self.vision_tower.config.patch_size
         self.grid = (side, side)

@@ -1,5 +1,13 @@
-"""Adapter for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (model_type qwen2_vl / qwen2_5_vl / qwen3_vl;
-Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration).
+"""Adapter for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 (model_type qwen2_vl / qwen2_5_vl / qwen3_vl /
+qwen3_5 / qwen3_5_moe; Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+Qwen3VLForConditionalGeneration, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration).
+
+Qwen3.5 is Qwen3-VL's vision side and processor (Qwen3VLProcessor, 16 px patches, merge 2) in front of a
+hybrid text model: three Gated-DeltaNet (linear attention) layers, then one full-attention layer
+(text_config.layer_types). Only the full-attention layers have heads, so records hold those
+(adapter.attention_layers, meta["layers"] = [3, 7, 11, ...]). The linear layers zero the hidden states
+of padding tokens (the model's 2-D attention mask), so a left-padded row keeps the recurrent state of
+the same prompt run alone (tests/test_family_qwen.py checks it to 1e-5).
 
 Tokens: the processor expands the template's <|image_pad|> into ONE run of rows·cols tokens, where
 image_grid_thw = (1, patch_rows, patch_cols) and rows, cols = patch_rows / merge, patch_cols / merge
@@ -28,7 +36,7 @@ from localization_heads.dataio import InputError
 from localization_heads.layout import Layout
 
 PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                     "qwen3_vl": "Qwen3VLProcessor"}
+                     "qwen3_vl": "Qwen3VLProcessor", "qwen3_5": "Qwen3VLProcessor", "qwen3_5_moe": "Qwen3VLProcessor"}
 
 
 def torchvision_imports() -> bool:
