@@ -125,7 +125,8 @@ def bottom_row_focus(maps: np.ndarray, threshold: float = 0.05) -> np.ndarray:
 
 @dataclass(frozen=True)
 class HeadTable:
-    """Per-head measurements of one sample, flat over row·H + head (row l is model layer layers[l])."""
+    """Per-head measurements of one sample, flat over row·H + head (row l is model layer layers[l]):
+    every head, or the subset `flat`."""
 
     num_heads: int
     attn_sum: np.ndarray          # [N]
@@ -133,25 +134,36 @@ class HeadTable:
     n_components: np.ndarray      # [N]
     bottom_row: np.ndarray        # [N] bool
     layers: np.ndarray | None = None   # [L] model layer index of each row; None: 0..L−1
+    flat: np.ndarray | None = None     # [N] ascending flat index row·H + head of each entry; None: 0..N−1
 
     def __post_init__(self):
-        object.__setattr__(self, "layers", model_layers(self.layers, self.attn_sum.size // self.num_heads))
+        if self.flat is None:
+            object.__setattr__(self, "flat", np.arange(self.attn_sum.size))
+        rows = self.attn_sum.size // self.num_heads if self.layers is None else len(self.layers)
+        object.__setattr__(self, "layers", model_layers(self.layers, rows))
 
     def record(self, index: int) -> dict:
         se = float(self.entropy[index])
-        return {"layer": int(self.layers[index // self.num_heads]), "head": index % self.num_heads,
+        flat = int(self.flat[index])
+        return {"layer": int(self.layers[flat // self.num_heads]), "head": flat % self.num_heads,
                 "attn_sum": float(self.attn_sum[index]),
                 "spatial_entropy": se if math.isfinite(se) else None,   # strict JSON has no Infinity
                 "bottom_row_focus": bool(self.bottom_row[index]),
                 "n_components": int(self.n_components[index])}
 
 
-def measure_heads(attn, grid: tuple[int, int], logic, layers=None) -> HeadTable:
-    """layers: meta["layers"], the model index of each row of attn (None: 0..L−1)."""
-    maps = head_maps(attn, grid)
+def measure_heads(attn, grid: tuple[int, int], logic, layers=None, heads: list[int] | None = None) -> HeadTable:
+    """The table of every head of attn [L, H, 1, V], or of the flat indices row·H + head `heads` only.
+    layers: meta["layers"], the model index of each row of attn (None: 0..L−1)."""
+    rows, num_heads = attn.shape[:2]
+    flat = np.arange(rows * num_heads) if heads is None else np.array(sorted(heads), dtype=np.int64)
+    if heads is not None:   # picked before head_maps, which casts what it is given to float64
+        attn = attn.reshape(rows * num_heads, 1, 1, attn.shape[-1])[flat]      # [N, 1, 1, V]
+    maps = head_maps(attn, grid)                                                 # [N, rows, cols]
     entropy, n_comp = spatial_entropy(maps, logic.entropy.method, float(logic.entropy.binarize_threshold))
-    return HeadTable(attn.shape[1], maps.sum(axis=(1, 2)), entropy, n_comp,
-                     bottom_row_focus(maps, float(logic.filters.bottom_row_threshold)), layers)
+    return HeadTable(num_heads, maps.sum(axis=(1, 2)), entropy, n_comp,
+                     bottom_row_focus(maps, float(logic.filters.bottom_row_threshold)),
+                     model_layers(layers, rows), flat)
 
 
 def entropy_key(entropy: np.ndarray) -> np.ndarray:
@@ -161,12 +173,12 @@ def entropy_key(entropy: np.ndarray) -> np.ndarray:
 
 
 def rank_heads(table: HeadTable, logic, tau: float | None = None) -> list[int]:
-    """Flat head indices that pass criterion 1 and the filters, best first: entropy ascending (on
+    """Entries of `table` (flat head indices when it holds every head) that pass criterion 1 and
+    the filters, best first: entropy ascending (on
     the ENTROPY_TIE_TOL grid), then larger attention sum, then smaller (layer, head).
     τ: given (dataset scope) or the chord elbow of this sample's sums. May be empty."""
     tau = chord_elbow(table.attn_sum) if tau is None else tau
-    index = np.arange(table.attn_sum.size)
-    keep = (table.attn_sum >= tau) & (table.layers[index // table.num_heads] >= int(logic.filters.min_layer)) \
+    keep = (table.attn_sum >= tau) & (table.layers[table.flat // table.num_heads] >= int(logic.filters.min_layer)) \
         & np.isfinite(table.entropy)
     if logic.filters.bottom_row:
         keep &= ~table.bottom_row
@@ -187,11 +199,12 @@ def fallback_heads(table: HeadTable, logic, tau: float) -> list[int]:
     return [int(i) for i in by_sum if not skipped[i]][: int(logic.threshold.min_keep)]
 
 
-def analyze(attn, grid: tuple[int, int], logic, layers=None) -> dict:
+def analyze(attn, grid: tuple[int, int], logic, layers=None, heads: list[int] | None = None) -> dict:
     """Per-sample analysis: {"tau", "ranked": [head records, best first], "fallback", "heads": all
     records}. "ranked" holds the heads passing the criteria and filters or, when none does
-    ("fallback": true), the fallback_heads. layers: meta["layers"] (None: 0..L−1)."""
-    table = measure_heads(attn, grid, logic, layers)
+    ("fallback": true), the fallback_heads. layers: meta["layers"] (None: 0..L−1). heads: the flat
+    indices row·H + head to analyse (a heads-only record), τ then being their elbow; None: every head."""
+    table = measure_heads(attn, grid, logic, layers, heads)
     tau = chord_elbow(table.attn_sum)
     ranked = rank_heads(table, logic, tau)
     fallback = not ranked
@@ -218,7 +231,7 @@ def select_heads(tables: list[HeadTable], logic) -> dict:
     per_sample = int(logic.select.per_sample)
     votes: Counter[int] = Counter()
     for table in tables:
-        votes.update(rank_heads(table, logic, tau)[:per_sample])
+        votes.update(int(table.flat[i]) for i in rank_heads(table, logic, tau)[:per_sample])
     # Most votes first; ties by smaller (layer, head) so the result is reproducible.
     ordered = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
     counts = [{"layer": int(layers[i // num_heads]), "head": i % num_heads, "count": c, "frequency": c / len(tables)}

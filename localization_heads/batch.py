@@ -4,7 +4,9 @@
   locks     the run holds its rows (locks.py): another run on any of them refuses to start
   resume    a row is complete when its _bbox.json records this row's inputs (prompt, image file),
             these settings, and the size and time of each of the row's other files; a row whose
-            attention is still current is redone from it without the model; the log says why
+            attention is still current (and holds the heads the logic needs) is redone from it
+            without the model; the log says why
+  storage   data.save_attention: all heads | the fixed heads only | no attention file (outputs.py)
   shards    data.num_shards=N data.shard=i: only the rows shard i owns (shards.py), same folder
   images    decoded by data.num_workers threads a little ahead of the model
   progress  a bar on a terminal, a log line per 5 % or per minute elsewhere (progress.py)
@@ -21,20 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from localization_heads.config import Settings
-from localization_heads.collector import collect, load_attention, save_attention
-from localization_heads.dataio import InputError, atomic_write_text, file_stamps, resolve_path, safe_output_path
+from localization_heads.collector import collect, load_attention, missing_heads, stored_heads
+from localization_heads.dataio import InputError, atomic_write_text, file_stamps, resolve_path
 from localization_heads.images import load_image
 from localization_heads.locks import RowLocks
 from localization_heads.layout import analysis_record
-from localization_heads.outputs import figure_suffix, run_analysis, write_outputs
+from localization_heads.outputs import figure_suffix, needed_heads, run_analysis, store_attention, write_outputs
 from localization_heads.progress import Progress
 from localization_heads import refine
 from localization_heads import settings
 from localization_heads import shards
-from localization_heads.settings import attn_dtype, box_settings, collect_settings, gen_kwargs, model_dir, row_source, source_change
+from localization_heads.settings import box_settings, collect_settings, gen_kwargs, model_dir, row_source, source_change
 from localization_heads import validate
 
 log = logging.getLogger("batch")
@@ -105,10 +105,10 @@ def plan(out_dir: Path, rows: list[Row], cfg: Settings, figure: str | None) -> t
     """(rows to redo from their saved attention, rows to run through the model); the rest are complete."""
     if not cfg.data.resume:
         return [], list(rows)
-    collect_now, box_now = collect_settings(cfg), box_settings(cfg.logic)
+    collect_now, box_now, needed = collect_settings(cfg), box_settings(cfg.logic), needed_heads(cfg)
     rebox, todo, why = [], [], defaultdict(list)
     for row in rows:
-        state, reason = row_state(out_dir, row, figure, collect_now, box_now)
+        state, reason = row_state(out_dir, row, figure, collect_now, box_now, needed)
         if state == "rebox":
             rebox.append(row)
         elif state == "collect":
@@ -121,30 +121,38 @@ def plan(out_dir: Path, rows: list[Row], cfg: Settings, figure: str | None) -> t
     return rebox, todo
 
 
-def row_state(out_dir: Path, row: Row, figure: str | None, collect_now: dict, box_now: dict) -> tuple[str, str | None]:
+def row_state(out_dir: Path, row: Row, figure: str | None, collect_now: dict, box_now: dict,
+              needed: tuple[str, list | None]) -> tuple[str, str | None]:
     """("done", None); ("rebox", why): the attention is current, redo analysis and box without the
     model; or ("collect", why). `why` is None for a row never run. A complete row is judged from
-    its small _bbox.json and file stats; the attention file is opened only when it is not complete."""
+    its small _bbox.json and file stats; the attention file is opened only when it is not complete.
+    needed: outputs.needed_heads."""
     attn_file = out_dir / f"{row.id}.pkl"
     try:
         summary = json.loads((out_dir / f"{row.id}_bbox.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         summary = None
-    if not attn_file.is_file():
+    storage, heads = needed
+    if not attn_file.is_file() and storage != "none":
         return "collect", "attention file missing" if summary is not None else None
-    why = outputs_stale(out_dir, row, summary, figure, collect_now, box_now)
+    why = outputs_stale(out_dir, row, summary, figure, collect_now, box_now, needed)
     if why is None:
         return "done", None
+    if not attn_file.is_file():
+        return "collect", None if summary is None else f"{why} (no attention file to redo it from)"
     try:
-        meta = load_attention(attn_file)["meta"]
+        record = load_attention(attn_file)
     except InputError:
         return "collect", "attention file unreadable"
+    meta = record["meta"]
     recollect = source_change(meta.get("source"), row.source) or (
-        None if meta.get("collect_settings") == collect_now else "collection settings changed")
+        None if meta.get("collect_settings") == collect_now else "collection settings changed") or (
+        missing_heads(stored_heads(record), heads))
     return ("collect", recollect) if recollect else ("rebox", why)
 
 
-def outputs_stale(out_dir: Path, row: Row, summary, figure: str | None, collect_now: dict, box_now: dict) -> str | None:
+def outputs_stale(out_dir: Path, row: Row, summary, figure: str | None, collect_now: dict, box_now: dict,
+                  needed: tuple[str, list | None]) -> str | None:
     """Why a row's finished outputs (its _bbox.json `summary`) are not this run's, or None."""
     if not isinstance(summary, dict):
         return "outputs incomplete"
@@ -155,8 +163,12 @@ def outputs_stale(out_dir: Path, row: Row, summary, figure: str | None, collect_
         return "collection settings changed"
     if summary.get("settings") != box_now:
         return "logic changed"
+    storage, heads = needed
+    lacking = missing_heads(summary.get("stored_heads"), heads) if storage != "none" else None
+    if lacking:
+        return lacking
     files = summary.get("row_files")
-    wanted = [f"{row.id}{s}" for s in (".pkl", "_analysis.pkl", "_mask.png", figure) if s]
+    wanted = [f"{row.id}{s}" for s in (".pkl" if storage != "none" else None, "_analysis.pkl", "_mask.png", figure) if s]
     if not isinstance(files, dict) or not set(wanted) <= files.keys():
         return "outputs incomplete"
     try:
@@ -175,7 +187,7 @@ def process(out_dir: Path, rebox: list[Row], todo: list[Row], cfg: Settings, fig
     added to `written_ids`). Saving, analysis, boxes and figures run on one writer thread while the
     model works on the next batch. Progress counts all `total` rows of the run, the complete ones as
     done from the start."""
-    dtype, batch_size = attn_dtype(cfg), int(cfg.data.batch_size)
+    batch_size = int(cfg.data.batch_size)
     # SAM (logic.mask.refine=sam), loaded once per run and only when a row needs a mask; else None
     refiner = refine.load_refiner(cfg) if rebox or todo else None
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
@@ -184,7 +196,7 @@ def process(out_dir: Path, rebox: list[Row], todo: list[Row], cfg: Settings, fig
     progress = Progress("batch", total, initial=total - len(rebox) - len(todo))
 
     def finish_later(row: Row, record: dict | None) -> None:
-        pending.append((row, writer.submit(finish_row, out_dir, row, record, cfg, dtype, bool(figure), refiner)))
+        pending.append((row, writer.submit(finish_row, out_dir, row, record, cfg, bool(figure), refiner)))
 
     batches = decoded_batches(todo, batch_size, int(cfg.data.num_workers))
     written = 0
@@ -286,7 +298,7 @@ def collect_batch(adapter, batch: list, cfg: Settings) -> Iterator[tuple[Row, di
             yield row, record
 
 
-def finish_row(out_dir: Path, row: Row, record: dict | None, cfg: Settings, dtype: torch.dtype, figure: bool,
+def finish_row(out_dir: Path, row: Row, record: dict | None, cfg: Settings, figure: bool,
                refiner: refine.SamRefiner | None = None) -> None:
     """Save a fresh record (record=None: reuse the saved attention) and write the row's outputs."""
     if record is None:
@@ -296,9 +308,7 @@ def finish_row(out_dir: Path, row: Row, record: dict | None, cfg: Settings, dtyp
         if row.split is not None:
             record["meta"]["split"] = row.split
     else:
-        save_attention(safe_output_path(out_dir, row.id, ".pkl"), record, dtype)
-        # Boxes from the attention as saved, so a row redone from its file gets the same outputs.
-        record["attn"] = record["attn"].to(dtype).float()
+        record = store_attention(out_dir, row.id, record, cfg)
     view = analysis_record(record)   # multi-map layouts: the canvas, computed once for analysis and box
     write_outputs(out_dir, row.id, view, run_analysis(view, cfg.logic), cfg.logic, figure=figure, refiner=refiner)
 

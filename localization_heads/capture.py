@@ -61,7 +61,15 @@ class AttentionCapture:
         if extra:
             raise RuntimeError(f"attention capture saw layers {extra[:5]} that the adapter does not list as attention "
                                f"layers {self.expected[:8]}...: its layer list is wrong for this model")
-        return torch.stack([got[i] for i in self.expected])
+        return gather([got[i] for i in self.expected])
+
+
+def gather(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-layer rows stacked in layer order: [L, ...] on their device, or on the CPU when a device
+    map has spread the layers over several devices."""
+    if len({r.device for r in rows}) > 1:
+        rows = [r.cpu() for r in rows]
+    return torch.stack(rows)
 
 
 def last_row_attention(query, key, attention_mask, scaling: float, softcap: float | None = None) -> torch.Tensor:

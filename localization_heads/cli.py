@@ -28,16 +28,17 @@ import hydra
 from omegaconf import DictConfig
 
 from localization_heads import refine
-from localization_heads.collector import collect, load_attention, save_attention
+from localization_heads.collector import collect, load_attention
 from localization_heads.config import Settings
 from localization_heads.dataio import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, safe_output_path
 from localization_heads.images import load_image
 from localization_heads.layout import analysis_record
 from localization_heads.locks import RowLocks
-from localization_heads.outputs import describe_analysis, load_analysis, run_analysis, select_over, write_outputs
+from localization_heads.outputs import (describe_analysis, load_analysis, run_analysis, select_over, store_attention,
+                                        write_outputs)
 from localization_heads.progress import track
 from localization_heads import settings
-from localization_heads.settings import PACKAGE, attn_dtype, collect_kwargs, collect_settings, model_dir, row_source, source_change
+from localization_heads.settings import PACKAGE, collect_kwargs, collect_settings, model_dir, row_source, source_change
 from localization_heads import validate
 
 log = logging.getLogger("pipeline")
@@ -58,9 +59,10 @@ def stage_collect(cfg: Settings) -> Path:
     record = collect(adapter, [image], [cfg.data.query], **collect_kwargs(cfg))[0]
     record["meta"].update(image_file=image_file, collect_settings=collect_settings(cfg),
                           source=row_source(item_id, cfg.data.query, image_file, Path(image_file)))
+    store_attention(model_dir(cfg), item_id, record, cfg)
     path = safe_output_path(model_dir(cfg), item_id, ".pkl")
-    save_attention(path, record, attn_dtype(cfg))
-    log.info("attention [L, H, 1, V] = %s → %s", list(record["attn"].shape), path)
+    log.info("attention [L, H, 1, V] = %s (data.save_attention=%s) → %s", list(record["attn"].shape),
+             cfg.data.save_attention, path)
     return path
 
 

@@ -16,6 +16,12 @@ result is checked: a missing, empty or non-finite capture raises, it never passe
 Attention files: `save_attention` writes {"attn", "meta"} with torch.save (zip) atomically;
 `load_attention` reads those with weights-only loading and the reference code's plain pickles
 through a restricted unpickler, and refuses anything that would execute code.
+
+Heads-only files (data.save_attention=heads): "attn" holds the rows of the fixed heads only,
+[k, 1, V], and meta["stored_heads"] their [[layer, head], ...]; the meta is otherwise complete. In
+memory such a record is the full [L, H, 1, V] with NaN in every head not stored (keep_heads), so
+the box and the figure index heads as usual and a head that is not there can never pass for a
+plausible zero.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from localization_heads.capture import AttentionCapture
+from localization_heads.analyze import head_row
+from localization_heads.capture import AttentionCapture, gather
 from localization_heads.dataio import InputError, atomic_write_bytes
 from localization_heads.families.base import Adapter, Prepared
 from localization_heads.layout import Layout
@@ -54,7 +61,7 @@ def _rows_from_eager(attentions, num_layers: int, batch: int) -> torch.Tensor:
     if not attentions or len(attentions) != num_layers or any(a is None or a.dim() != 4 for a in attentions):
         raise RuntimeError("output_attentions returned no attention maps; the text model must run eager "
                            "attention (model.attn_capture=eager loads it so)")
-    rows = torch.stack([a[:, :, -1, :].float() for a in attentions])
+    rows = gather([a[:, :, -1, :].float() for a in attentions])
     if rows.shape[1] != batch:
         raise RuntimeError(f"eager attentions have batch {rows.shape[1]}, expected {batch}")
     return rows
@@ -140,11 +147,54 @@ def collect(adapter: Adapter, images: list[Image.Image], queries: list[str], *, 
 
 # ---------------------------------------------------------------- attention files
 
+def stored_heads(record: dict) -> list[tuple[int, int]] | None:
+    """The (layer, head) pairs a heads-only record holds; None when it holds every head."""
+    heads = record["meta"].get("stored_heads")
+    return None if heads is None else [(int(l), int(h)) for l, h in heads]
+
+
+def stored_rows(record: dict, heads: list[tuple[int, int]]) -> list[int]:
+    """Flat indices row·H + head of heads (model layer, head) in record["attn"] [L, H, 1, V]."""
+    num_heads = record["attn"].shape[1]
+    layers = record["meta"].get("layers", range(record["attn"].shape[0]))
+    try:
+        return [head_row(layers, num_heads, layer, head) for layer, head in heads]
+    except ValueError as e:
+        raise InputError(f"logic.heads: {e}") from None
+
+
+def keep_heads(record: dict, heads: list[tuple[int, int]]) -> dict:
+    """The record with only `heads` (model layer, head) kept: attn [L, H, 1, V], NaN in every other head."""
+    rows = stored_rows(record, heads)
+    flat = record["attn"].reshape(-1, *record["attn"].shape[2:])                        # [L·H, 1, V]
+    kept = torch.full_like(flat, float("nan"))
+    kept[rows] = flat[rows]
+    return {"attn": kept.reshape(record["attn"].shape),
+            "meta": dict(record["meta"], stored_heads=[list(p) for p in heads])}
+
+
+def missing_heads(stored: list | None, needed: list[tuple[int, int]] | None) -> str | None:
+    """Why attention holding heads `stored` (stored_heads; None: every head) cannot serve the heads
+    `needed` (None: every head), or None when it can."""
+    if stored is None:
+        return None
+    stored = [(int(l), int(h)) for l, h in stored]
+    if needed is None:
+        return f"the attention file holds only heads {stored}; every head is needed"
+    lacking = sorted(set(needed) - set(stored))
+    return f"the attention file lacks heads {lacking} (it holds {stored})" if lacking else None
+
+
 def save_attention(path: str | Path, record: dict, dtype: torch.dtype = torch.float16) -> None:
-    """Atomically write {"attn": [L, H, 1, V] in `dtype`, "meta": dict}."""
+    """Atomically write {"attn": [L, H, 1, V] in `dtype`, "meta": dict}; a heads-only record
+    (keep_heads) writes its stored rows only, [k, 1, V] in the order of meta["stored_heads"]."""
     buf = io.BytesIO()
     meta = dict(record["meta"], attn_dtype=str(dtype).removeprefix("torch."))
-    torch.save({"attn": record["attn"].to(dtype).contiguous(), "meta": meta}, buf)
+    attn = record["attn"]
+    heads = stored_heads(record)
+    if heads is not None:
+        attn = attn.reshape(-1, *attn.shape[2:])[stored_rows(record, heads)]          # [k, 1, V]
+    torch.save({"attn": attn.to(dtype).contiguous(), "meta": meta}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -189,6 +239,8 @@ def load_attention(path: str | Path) -> dict:
     if not isinstance(obj, dict) or "attn" not in obj or "meta" not in obj:
         raise InputError(f"{path}: not an attention file (expected a dict with 'attn' and 'meta')")
     attn = torch.as_tensor(np.asarray(obj["attn"]) if not torch.is_tensor(obj["attn"]) else obj["attn"]).float()
+    if isinstance(obj["meta"], dict) and obj["meta"].get("stored_heads") is not None:
+        return _heads_only(attn, dict(obj["meta"]), path)
     if attn.dim() == 3:  # [L, H, V] from tools that drop the query axis
         attn = attn.unsqueeze(2)
     if attn.dim() != 4 or attn.shape[2] != 1:
@@ -197,6 +249,31 @@ def load_attention(path: str | Path) -> dict:
         raise InputError(f"{path}: 'attn' holds {int((~torch.isfinite(attn)).sum())} NaN/inf values; "
                          "the file is damaged: collect it again")
     meta = _complete_meta(dict(obj["meta"]), attn, path)
+    return {"attn": attn, "meta": meta}
+
+
+def _heads_only(rows: torch.Tensor, meta: dict, path: Path) -> dict:
+    """A heads-only file's [k, 1, V] rows as the record keep_heads makes: [L, H, 1, V], NaN elsewhere."""
+    try:
+        heads = [(int(l), int(h)) for l, h in meta["stored_heads"]]
+        num_layers, num_heads = int(meta["num_layers"]), int(meta["num_heads"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: a heads-only attention file needs stored_heads [[layer, head], ...], "
+                         "num_layers and num_heads in its meta") from None
+    if rows.dim() != 3 or rows.shape[:2] != (len(heads), 1):
+        raise InputError(f"{path}: 'attn' has shape {tuple(rows.shape)}, expected [k={len(heads)}, 1, V] "
+                         f"for the heads {heads}")
+    if len(set(heads)) != len(heads):
+        raise InputError(f"{path}: stored_heads {heads} are not distinct heads")
+    if not torch.isfinite(rows).all():
+        raise InputError(f"{path}: 'attn' holds {int((~torch.isfinite(rows)).sum())} NaN/inf values; "
+                         "the file is damaged: collect it again")
+    attn = torch.full((num_layers, num_heads, 1, rows.shape[-1]), float("nan"))     # [L, H, 1, V]
+    meta = _complete_meta(meta, attn, path)
+    try:
+        attn.view(-1, 1, rows.shape[-1])[stored_rows({"attn": attn, "meta": meta}, heads)] = rows
+    except InputError as e:
+        raise InputError(f"{path}: stored_heads do not fit the file ({e})") from None
     return {"attn": attn, "meta": meta}
 
 

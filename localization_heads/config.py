@@ -142,6 +142,9 @@ class ModelSettings:
     num_beams: int = 1
     use_flash_attn: bool = False
     image_kwargs: dict | None = None   # processor image settings (families with tiling / pan-and-scan)
+    device_map: Any = None             # null: one device | auto | balanced | sequential | {module: device}
+    max_memory: dict | None = None     # with device_map: per device budget, e.g. {0: 70GiB, cpu: 200GiB}
+    offload_folder: str | None = None  # with device_map: layers past max_memory go to disk here
 
     @classmethod
     def from_config(cls, node) -> "ModelSettings":
@@ -174,6 +177,8 @@ class DataSettings:
     num_shards: int = 1
     shard: int = 0
     device_per_shard: bool = False
+    save_attention: str = "all"        # <id>.pkl: all | heads (logic.heads only, [k, 1, V]) | none
+    gpus_per_shard: int | None = None  # g: shard i runs on GPUs [i·g, (i+1)·g)
 
     @classmethod
     def from_config(cls, node) -> "DataSettings":

@@ -11,17 +11,52 @@ from localization_heads import analyze as analysis
 from localization_heads import bbox
 from localization_heads import refine
 from localization_heads import viz
-from localization_heads.config import LogicSettings
+from localization_heads.collector import keep_heads, missing_heads, save_attention, stored_heads, stored_rows
+from localization_heads.config import LogicSettings, Settings
 from localization_heads.images import load_image
 from localization_heads.layout import Layout, analysis_record
 from localization_heads.dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, file_stamps, safe_output_path
-from localization_heads.settings import box_settings
+from localization_heads.settings import attn_dtype, box_settings
 
 
 def run_analysis(record: dict, logic: LogicSettings) -> dict:
-    """The per-sample analysis (analyze.analyze) of an attention record on its analysis view."""
+    """The analysis of every head, or of a heads-only record's stored heads (τ their elbow), on the
+    record's analysis view."""
+    check_heads(record, logic)
     view = analysis_record(record)
-    return analysis.analyze(view["attn"], Layout.from_meta(view["meta"]).one_map.grid, logic, view["meta"].get("layers"))
+    stored = stored_heads(view)
+    flat = None if stored is None else stored_rows(view, stored)
+    return analysis.analyze(view["attn"], Layout.from_meta(view["meta"]).one_map.grid, logic,
+                            view["meta"].get("layers"), heads=flat)
+
+
+def check_heads(record: dict, logic: LogicSettings) -> None:
+    """A heads-only record serves a logic whose fixed heads it holds, nothing else."""
+    why = missing_heads(stored_heads(record), logic.fixed_heads)
+    if why:
+        raise InputError(f"{why}; set logic.heads to heads it holds, or collect the row again with "
+                         "data.save_attention=all")
+
+
+def needed_heads(cfg: Settings) -> tuple[str, list[tuple[int, int]] | None]:
+    """(data.save_attention, the heads a row's attention file must hold: None for every head).
+    `heads` keeps logic.heads only, so a file holding them serves it; `all` and `none` (which keeps
+    no file, so never asks for one) want every head."""
+    storage = str(cfg.data.save_attention)
+    return storage, cfg.logic.fixed_heads if storage == "heads" else None
+
+
+def store_attention(out_dir: Path, item_id: str, record: dict, cfg: Settings) -> dict:
+    """Write <id>.pkl as data.save_attention asks (all: every head; heads: logic.heads only, [k, 1, V];
+    none: no file) and return the record as written, rows rounded to data.attn_dtype, so outputs
+    made from it equal those a rerun makes from the file."""
+    storage, heads = needed_heads(cfg)
+    if storage == "heads":
+        record = keep_heads(record, heads)
+    dtype = attn_dtype(cfg)
+    if storage != "none":
+        save_attention(safe_output_path(out_dir, item_id, ".pkl"), record, dtype)
+    return dict(record, attn=record["attn"].to(dtype).float())
 
 
 def select_over(records: Iterable[tuple[str, dict]], logic: LogicSettings, where: str = "the records") -> dict:
@@ -31,6 +66,9 @@ def select_over(records: Iterable[tuple[str, dict]], logic: LogicSettings, where
     logic.select.allow_non_train; `where` names the records in errors."""
     tables, models, held_out = [], set(), []
     for name, record in records:
+        if stored_heads(record) is not None:
+            raise InputError(f"{name}: holds only heads {stored_heads(record)} (data.save_attention=heads); stage=select "
+                             "votes over every head: collect its rows with data.save_attention=all")
         models.add(record["meta"].get("model_name"))
         if record["meta"].get("split", "train") != "train":
             held_out.append(f"{name} (split={record['meta']['split']})")
@@ -108,11 +146,14 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, logic
                   figure: bool, refiner: refine.SamRefiner | None = None) -> dict:
     """<id>_analysis.pkl, <id>_mask.png (+ <id>_mask_coarse.png when SAM refines it), <id>_bbox.json
     and (figure=True) <id>_top{K}.png. refiner: SAM, loaded once by the caller when logic.mask.refine=sam."""
+    check_heads(record, logic)
     grounded = ground(record, result, logic, refiner)
     record, heads, source, loc = grounded["view"], grounded["heads"], grounded["heads_source"], grounded["loc"]
     mask, refinement = grounded["mask"], grounded["refinement"]
     figure_name = figure_suffix(logic) if figure else None
-    suffixes = [".pkl", "_analysis.pkl", "_mask.png"] + (["_mask_coarse.png"] if refinement is not None else []) \
+    # No <id>.pkl with data.save_attention=none
+    suffixes = [".pkl"] * (out_dir / f"{item_id}.pkl").is_file() + ["_analysis.pkl", "_mask.png"] \
+        + (["_mask_coarse.png"] if refinement is not None else []) \
         + ([figure_name] if figure else [])
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_analysis.pkl"), pickle.dumps(result))
     refine.write_masks(out_dir, item_id, loc["mask"], mask, refined=refinement is not None)
@@ -140,6 +181,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, logic
         "settings": box_settings(logic),
         "collect_settings": record["meta"].get("collect_settings"),
         "source": record["meta"].get("source"),   # the row's inputs (settings.row_source)
+        "stored_heads": stored_heads(record),   # what <id>.pkl holds (null: every head)
         "row_files": file_stamps(out_dir, [f"{item_id}{s}" for s in suffixes]),
     }
     # The bbox file is written last: its presence marks the item complete (batch resume).

@@ -13,7 +13,7 @@ import torch
 
 from localization_heads.dataio import InputError
 from localization_heads.progress import quiet_library_bars
-from localization_heads.shards import shard_device
+from localization_heads.shards import shard_device, shard_gpus
 
 PACKAGE = Path(__file__).resolve().parent
 ATTN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -112,9 +112,20 @@ def attn_dtype(cfg) -> torch.dtype:
     return ATTN_DTYPES[name]
 
 
+def run_gpus(cfg) -> list[int] | None:
+    """With data.gpus_per_shard=g, the GPUs this shard runs on (shards.shard_gpus); else None."""
+    if not cfg.data.gpus_per_shard:
+        return None
+    return shard_gpus(int(cfg.data.shard), int(cfg.data.gpus_per_shard), torch.cuda.device_count())
+
+
 def run_device(cfg) -> str:
-    """model.device, or with data.device_per_shard the shard's own GPU (one machine, several GPUs):
-    the device of every model the run loads (the VLM and SAM)."""
+    """model.device, or with data.device_per_shard the shard's own GPU (one machine, several GPUs),
+    or with data.gpus_per_shard the first of the shard's GPUs: the device of every model the run
+    loads (the VLM and SAM)."""
+    gpus = run_gpus(cfg)
+    if gpus:
+        return f"cuda:{gpus[0]}"
     if cfg.data.device_per_shard:
         return shard_device(str(cfg.model.device), int(cfg.data.shard), torch.cuda.device_count())
     return str(cfg.model.device)
@@ -126,7 +137,21 @@ def load_adapter_from(cfg):
 
     quiet_library_bars()
     model = replace(cfg.model, name=model_path(str(cfg.model.name)), device=run_device(cfg))
+    gpus = run_gpus(cfg)
+    if gpus and cfg.model.device_map is not None:
+        model = replace(model, max_memory=shard_max_memory(cfg.model.max_memory, gpus))
     return load_adapter(model, str(cfg.model.attn_capture))
+
+
+def shard_max_memory(max_memory, gpus: list[int]) -> dict:
+    """model.max_memory for a shard on `gpus`: its GPU keys 0..g-1 name the shard's own GPUs; without
+    it, every free byte of those GPUs and of the CPU. The device map then uses no other GPU."""
+    if max_memory is None:
+        from accelerate.utils import get_max_memory
+
+        free = get_max_memory()
+        return {**{gpu: free[gpu] for gpu in gpus}, "cpu": free["cpu"]}
+    return {(gpus[key] if isinstance(key, int) else key): value for key, value in max_memory.items()}
 
 
 def fixed_heads(logic) -> tuple[list[tuple[int, int]] | None, str]:

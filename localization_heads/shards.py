@@ -53,3 +53,11 @@ def shard_device(device: str, shard: int, num_gpus: int) -> str:
     if device != "auto" or num_gpus < 1:
         return device
     return f"cuda:{int(shard) % num_gpus}"
+
+
+def shard_gpus(shard: int, gpus_per_shard: int, num_gpus: int) -> list[int]:
+    """The GPUs of shard `shard` with data.gpus_per_shard=g: [i·g, (i+1)·g) of the visible ones,
+    counted modulo num_gpus like device_per_shard, so under SLURM, where a job sees only the g GPUs
+    it asked for, every shard takes GPUs 0..g-1. Needs g ≤ num_gpus (validate.py)."""
+    start = int(shard) * gpus_per_shard % num_gpus
+    return [(start + j) % num_gpus for j in range(gpus_per_shard)]

@@ -37,6 +37,7 @@ CHOICES = {
                              "grid-wrap"),   # scipy.ndimage's boundary modes
     "logic.mask.refine": REFINERS,
     "data.attn_dtype": tuple(ATTN_DTYPES),
+    "data.save_attention": ("all", "heads", "none"),
     "logic.threshold.method": ("chord",),
     "logic.threshold.scope": ("sample", "dataset"),
     "logic.entropy.method": ("size", "mass"),
@@ -48,6 +49,7 @@ INTEGERS = {
     "logic.top_k": 1, "logic.threshold.min_keep": 0, "logic.filters.min_layer": 0, "logic.select.k": 1,
     "logic.select.per_sample": 1, "data.batch_size": 1, "data.num_workers": 0, "data.start_index": 0,
     "model.device_id": 0, "model.max_new_tokens": 1, "model.num_beams": 1, "data.num_shards": 1, "data.shard": 0,
+    "data.gpus_per_shard": 1,
 }
 # Real-valued keys and their smallest allowed value.
 NUMBERS = {"logic.smoothing.sigma": 0.0, "logic.smoothing.truncate": 0.0, "logic.entropy.binarize_threshold": 0.0,
@@ -56,6 +58,8 @@ BOOLEANS = ("data.process_all", "data.resume", "data.visualize_batch", "data.dev
             "model.do_sample", "model.use_flash_attn", "logic.filters.bottom_row", "logic.select.allow_non_train",
             "logic.mask.sam_point")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate's strategies
+MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)      # accelerate's sizes: 70GiB, 500MB
 
 
 def _problems_error(source: str, problems: list[str]) -> InputError:
@@ -100,6 +104,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     device = value("model.device")
     if device is not None and not DEVICE.fullmatch(str(device)):
         problems.append(f"model.device={device!r}: use auto, cpu, cuda or cuda:<index>")
+    problems += placement_problems(cfg)
     end, start = value("data.end_index"), value("data.start_index")
     if end is not None and not (_is_int(end) and _is_int(start) and end >= start):
         problems.append(f"data.end_index={end!r}: must be null or an integer >= data.start_index ({start})")
@@ -111,7 +116,71 @@ def config_problems(cfg: DictConfig) -> list[str]:
         negative = [pair for pair in heads or [] if min(pair) < 0]
         if negative:
             problems.append(f"logic.heads: {negative} are negative; layer and head indices start at 0")
+        if value("data.save_attention") == "heads" and heads is None:
+            problems.append("data.save_attention=heads keeps the rows of logic.heads only, and logic.heads is null; "
+                            "set logic.heads (e.g. to stage=select's selected_heads.json) or use data.save_attention=all")
+    if value("data.save_attention") == "none" and value("stage") in ("collect", "pipeline"):
+        problems.append(f"data.save_attention=none: stage={value('stage')} passes the attention on in <id>.pkl; "
+                        "use all or heads (stage=batch writes its outputs without it)")
     return problems
+
+
+def placement_problems(cfg: DictConfig) -> list[str]:
+    """model.device_map / max_memory / offload_folder and data.gpus_per_shard: values accelerate can
+    read, and no GPU that this machine (or this SLURM job) does not have."""
+    import torch
+
+    def value(key):
+        return OmegaConf.select(cfg, key, default=None)
+
+    problems = []
+    visible = torch.cuda.device_count()
+    per_shard = value("data.gpus_per_shard")
+    device_map, max_memory = value("model.device_map"), value("model.max_memory")
+    if _is_int(per_shard) and per_shard > visible:
+        problems.append(f"data.gpus_per_shard={per_shard}: {visible} GPU(s) visible here (CUDA_VISIBLE_DEVICES); "
+                        "ask for at most that many, or run where the GPUs are")
+    if _is_int(per_shard) and per_shard > 1 and device_map is None:
+        problems.append(f"data.gpus_per_shard={per_shard}: one model on several GPUs needs model.device_map "
+                        "(e.g. auto); with null, use data.gpus_per_shard=1")
+    # GPU indices in model.* count the shard's own GPUs when data.gpus_per_shard is set.
+    gpus = per_shard if _is_int(per_shard) and per_shard <= visible else visible
+    if device_map is not None:
+        if isinstance(device_map, DictConfig):
+            for module, device in device_map.items():
+                problem = _device_problem(device, gpus)
+                if problem:
+                    problems.append(f"model.device_map.{module}={device!r}: {problem}")
+        elif device_map not in DEVICE_MAPS:
+            problems.append(f"model.device_map={device_map!r}: use null, {', '.join(DEVICE_MAPS)} or "
+                            "{module: device, ...} (device: a GPU index, cpu or disk)")
+    for key in ("model.max_memory", "model.offload_folder"):
+        if value(key) is not None and device_map is None:
+            problems.append(f"{key} is read only with model.device_map; set model.device_map=auto or drop {key}")
+    if max_memory is not None:
+        if not isinstance(max_memory, DictConfig):
+            problems.append(f"model.max_memory={max_memory!r}: give {{device: size, ...}}, e.g. {{0: 70GiB, cpu: 200GiB}}")
+        else:
+            for device, size in max_memory.items():
+                problem = _device_problem(device, gpus, allowed=("cpu", "mps", "disk"))
+                if problem:
+                    problems.append(f"model.max_memory key {device!r}: {problem}")
+                if not ((_is_int(size) and size >= 0) or (isinstance(size, str) and MEMORY.fullmatch(size.strip()))):
+                    problems.append(f"model.max_memory.{device}={size!r}: give a size such as 70GiB, 500MB or bytes")
+    return problems
+
+
+def _device_problem(device, gpus: int, allowed: tuple[str, ...] = ("cpu", "disk", "mps")) -> str | None:
+    """Why `device` (a GPU index, cuda:<i>, cpu, disk) is not one a device map can use here, or None."""
+    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
+        device = int(device[5:])
+    if _is_int(device):
+        if not 0 <= device < gpus:
+            return f"no GPU {device} here ({gpus} visible to this run)"
+        return None
+    if device in allowed:
+        return None
+    return f"unknown device; use a GPU index or one of {', '.join(allowed)}"
 
 
 STAGE_INPUTS = {   # stage → keys it cannot run without

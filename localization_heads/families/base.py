@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
@@ -63,6 +62,7 @@ class Adapter:
             raise InputError(f"model.query_at={self.query_at!r} is unknown; use one of {', '.join(QUERY_AT)}")
         self.cache_dir = cfg.cache_dir or None
         self.device, self.dtype = device, dtype
+        self.placement = placement(cfg)
 
     def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
         raise NotImplementedError
@@ -132,10 +132,12 @@ class ImageTextAdapter(Adapter):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"  # last real token at the end of every row
-        self.model = AutoModelForImageTextToText.from_pretrained(
+        self.model = place(AutoModelForImageTextToText.from_pretrained(
             self.model_name, cache_dir=self.cache_dir, dtype=self.dtype,
             attn_implementation={"text_config": text_attn, "vision_config": "sdpa", "": "sdpa"},
-        ).to(self.device).eval()
+            **self.placement,
+        ), self.device).eval()
+        self.device = input_device(self.model)
         config = self.model.config
         self.image_token_id = config.image_token_id
         # A generated placeholder would be taken for an image on the capture pass.
@@ -167,6 +169,30 @@ class ImageTextAdapter(Adapter):
         inputs = {k: v.to(self.device) for k, v in batch.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return Prepared(inputs, image_positions, layouts, prompts)
+
+
+def placement(cfg) -> dict:
+    """from_pretrained's big-model arguments (accelerate): model.device_map (auto | balanced |
+    sequential | {module: device}) with model.max_memory ({0: 70GiB, cpu: 200GiB}) and
+    model.offload_folder (layers past max_memory go to disk there); {} for one device."""
+    if cfg.device_map is None:
+        return {}
+    return {"device_map": cfg.device_map, "max_memory": cfg.max_memory, "offload_folder": cfg.offload_folder}
+
+
+def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model on `device`, unless a device map has placed it already."""
+    return model if getattr(model, "hf_device_map", None) else model.to(device)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs go: the device its input embeddings run on. A layer offloaded to
+    the CPU or disk keeps its weights on `meta`; accelerate's hook names the device it runs on."""
+    embed = model.get_input_embeddings()
+    hook = getattr(embed, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return embed.weight.device
 
 
 # text_config.layer_types values: layers with softmax attention (captured) and layers without it

@@ -37,7 +37,7 @@ from transformers import (AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIP
 from transformers.utils import cached_file
 
 from localization_heads.dataio import InputError
-from localization_heads.families.base import Adapter, ImageTextAdapter, Prepared
+from localization_heads.families.base import Adapter, ImageTextAdapter, Prepared, input_device, place
 from localization_heads.layout import Layout
 
 
@@ -221,9 +221,12 @@ class OriginalLlavaAdapter(Adapter):
         if raw_config.get("mm_use_im_start_end"):
             raise InputError(f"{self.model_name}: mm_use_im_start_end=true checkpoints are not supported")
         llama_config = LlamaConfig.from_dict({k: v for k, v in raw_config.items() if not _LLAVA_KEYS.match(k)})
-        self.model = LlamaForCausalLM.from_pretrained(
+        self.model = place(LlamaForCausalLM.from_pretrained(
             self.model_name, config=llama_config, cache_dir=cache_dir, dtype=dtype, attn_implementation=text_attn,
-        ).to(device).eval()
+            **self.placement,
+        ), device).eval()
+        # The vision tower and projector run where the language model takes its inputs.
+        self.device = device = input_device(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, cache_dir=cache_dir)
         tower = raw_config["mm_vision_tower"]
         self.vision_tower = CLIPVisionModel.from_pretrained(
