@@ -110,9 +110,11 @@ def stage_pipeline(cfg: DictConfig) -> dict:
 def stage_select(cfg: DictConfig) -> dict:
     folder = Path(str(cfg.data.attention_dir)) if cfg.data.attention_dir else model_dir(cfg)
     files = _voters(cfg, folder)
-    tables, models, held_out = [], set(), []
+    tables, models, held_out, first = [], set(), [], None
     for p in track(files, "select"):
         record = load_attention(p)
+        first = first or (p, record["meta"])
+        _same_run(folder, first, p, record["meta"])
         models.add(record["meta"].get("model_name"))
         if record["meta"].get("split", "train") != "train":
             held_out.append(f"{p.name} (split={record['meta']['split']})")
@@ -133,6 +135,24 @@ def stage_select(cfg: DictConfig) -> dict:
     log.info("selected heads %s from %d samples (tau=%s) → %s", result["heads"], len(tables),
              result["tau"], folder / "selected_heads.json")
     return result
+
+
+def _same_run(folder: Path, first: tuple[Path, dict], path: Path, meta: dict) -> None:
+    """Votes count only among attention files of one model collected one way: refuse a mix,
+    naming a file of each and what differs (model, weights, capture, dtype, ...)."""
+    def identity(m: dict) -> dict:
+        return {"model_name": m.get("model_name"), **(m.get("collect_settings") or {})}
+
+    a, b = identity(first[1]), identity(meta)
+    differ = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if differ:
+        def short(v) -> str:
+            return repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."
+
+        shown = "; ".join(f"{k}: {short(a.get(k))} vs {short(b.get(k))}" for k in differ[:3])
+        raise InputError(f"{folder}: attention files of different models or collection settings: {first[0].name} and "
+                         f"{path.name} differ in {shown}; select over one run at a time (data.attention_dir, or "
+                         "data.data_file=<jsonl> for that run's rows)")
 
 
 def _voters(cfg: DictConfig, folder: Path) -> list[Path]:

@@ -12,6 +12,7 @@ from localization_heads import analyze as analysis
 from localization_heads import bbox
 from localization_heads import refine
 from localization_heads import viz
+from localization_heads.collector import check_image_size
 from localization_heads.images import load_image
 from localization_heads.layout import analysis_record
 from localization_heads.dataio import InputError, PlainUnpickler, atomic_write_bytes, atomic_write_json, file_stamps, safe_output_path
@@ -63,6 +64,9 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
     """<id>_analysis.pkl, <id>_mask.png (+ <id>_mask_coarse.png when SAM refines it), <id>_bbox.json
     and (figure=True) <id>_top{K}.png. refiner: SAM loaded once by the caller; else loaded here if asked for."""
     record = analysis_record(record)
+    if figure:   # before anything is written: the image must be the one the attention was collected from
+        image = load_image(record["meta"]["image_file"])
+        check_image_size(record["meta"], image, f"{item_id}.pkl")
     heads, source = heads_for(result, record, cfg)
     loc = bbox.localize(record["attn"], record["meta"], [(h["layer"], h["head"]) for h in heads], cfg.logic)
     mask, refinement = refine.refine(refiner or refine.load_refiner(cfg), loc, record["meta"], cfg.logic.mask)
@@ -72,7 +76,6 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_analysis.pkl"), pickle.dumps(result))
     refine.write_masks(out_dir, item_id, loc["mask"], mask, refined=refinement is not None)
     if figure:
-        image = load_image(record["meta"]["image_file"])
         # The mask panel shows the mask written as <id>_mask.png: SAM's when it refined it.
         refined = refinement is not None and refinement["status"] == "ok"
         png = viz.figure_png(image, record["attn"], record["meta"], heads, dict(loc, mask=mask),
@@ -82,6 +85,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, cfg: 
     summary = {
         "id": item_id,
         "query": record["meta"].get("query"),
+        "query_token": record["meta"].get("query_token"),   # the token whose attention was read
         "image_file": record["meta"].get("image_file"),
         "bbox_xyxy": loc["bbox_xyxy"],
         "gt_bbox": record["meta"].get("gt_bbox"),   # the JSONL row's bbox, when batch had one

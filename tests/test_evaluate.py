@@ -147,14 +147,14 @@ def test_bad_ground_truth_bbox_names_file_line_and_key(tmp_path, bad):
                     + json.dumps({"id": "bad", "bbox": bad}).replace("Infinity", "1e999") + "\n")
     pred = tmp_path / "pred"
     pred.mkdir()
-    with pytest.raises(InputError, match=r"d\.jsonl:2: key 'bbox'"):
+    with pytest.raises(InputError, match=r"d\.jsonl:2: bbox: "):
         evaluate(data, pred)
 
 
 def test_duplicate_ids_are_refused(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "bbox": [0, 0, 1, 1]}] * 2)
     (tmp_path / "pred").mkdir()
-    with pytest.raises(InputError, match=r"d\.jsonl:2: key 'id'"):
+    with pytest.raises(InputError, match=r"d\.jsonl:2: id: duplicate id 'a'"):
         evaluate(data, tmp_path / "pred")
 
 
