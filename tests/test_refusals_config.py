@@ -3,12 +3,13 @@ runs (exit 2), every problem listed at once, one line each."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
 
-from tests.cli_runs import (EXAMPLES, TOY, EXIT_OK, EXIT_NOT_RUN, EXIT_ROWS_FAILED, cli, model_loads, rows_file,
-                            good_rows, batch_args, folder, readonly)
+from tests.cli_runs import (only_writes_into, error_line, REPO, EXAMPLES, TOY, EXIT_OK, EXIT_NOT_RUN, EXIT_ROWS_FAILED, cli, model_loads, rows_file,
+                            good_rows, batch_args, folder, mounts, readonly)
 
 
 # ---------------------------------------------------------------- exit codes
@@ -105,3 +106,63 @@ def test_an_unreachable_model_fails_in_seconds_not_after_retries(cli, tmp_path, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, log = cli(*args)
     assert code == EXIT_NOT_RUN and "HF_HUB_OFFLINE is set" in log
+
+
+def test_heads_outside_the_model_are_refused_before_any_row(cli, tmp_path, model_loads):
+    data, out = rows_file(tmp_path, good_rows(3)), tmp_path / "out"
+    with only_writes_into(tmp_path, out):
+        code, log = cli(*batch_args(data, out), "logic.heads=[[99,0],[1,2]]")
+    line = error_line(log, "logic.heads: [[99, 0]] outside the model's 6 layers × 4 heads")
+    assert code == EXIT_NOT_RUN and "config.json" in line and model_loads == []
+    assert not list(folder(out).glob("r*"))
+
+
+def test_heads_outside_the_saved_attention_are_refused_when_the_model_is_gone(cli, tmp_path, model_loads):
+    """A rerun that would only re-box saved attention reads L and H from the first attention file."""
+    model = tmp_path / "toy-llava"
+    shutil.copytree(REPO / "localization_heads" / "models" / "toy-llava", model)
+    data, out = rows_file(tmp_path, good_rows(2)), tmp_path / "out"
+    assert cli(*batch_args(data, out, f"model.name={model}"))[0] == EXIT_OK
+    shutil.rmtree(model)
+    with only_writes_into(tmp_path, out):
+        code, log = cli(*batch_args(data, out, f"model.name={model}", "logic.heads=[[5,4]]"))
+    assert code == EXIT_NOT_RUN and error_line(log, "logic.heads: [[5, 4]] outside the model's 6 layers × 4 heads (r0.pkl)")
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line(cli, tmp_path, model_loads):
+    """Say, created by another user on a shared folder (here: a folder in its place, which even root cannot open)."""
+    data, out = rows_file(tmp_path, good_rows(1)), tmp_path / "out"
+    (folder(out) / ".rows.lock").mkdir(parents=True)
+    with only_writes_into(tmp_path, out):
+        code, log = cli(*batch_args(data, out))
+    line = error_line(log, f"{folder(out) / '.rows.lock'}: cannot open the rows' lock file")
+    assert code == EXIT_NOT_RUN and "chmod a+rw" in line and model_loads == []
+
+
+def test_runs_started_in_the_same_second_log_into_two_folders(cli, tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):   # the quickest runs there are: both refused at once, each within milliseconds
+        assert cli("stage=evaluate", *TOY, f"data.output_dir={out}", f"data.data_file={tmp_path / 'none.jsonl'}")[0] == EXIT_NOT_RUN
+    logs = sorted(p.parent for p in (out / "hydra").rglob("*.log"))
+    assert len(logs) == 2 and logs[0] != logs[1]
+
+
+def test_an_unreachable_sam_fails_in_seconds_not_after_retries(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")          # nothing listens: no network
+    data, out = rows_file(tmp_path, good_rows(1)), tmp_path / "out"
+    start = time.monotonic()
+    with only_writes_into(tmp_path, out):
+        code, log = cli(*batch_args(data, out), "logic.mask.refine=sam", "logic.mask.sam_model=nobody/no-sam")
+    assert code == EXIT_NOT_RUN and time.monotonic() - start < 20
+    assert error_line(log, "logic.mask.sam_model='nobody/no-sam' is not a local folder and not in the Hugging Face cache, "
+                           "and 127.0.0.1:9 cannot be reached")
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "report"])
+def test_a_read_only_results_folder_gets_advice_that_can_work(stage, cli, tmp_path, readonly):
+    data, out = rows_file(tmp_path, [dict(r, bbox=[0, 0, 9, 9]) for r in good_rows(1)]), tmp_path / "out"
+    readonly(folder(out))
+    code, log = cli(f"stage={stage}", *TOY, f"data.output_dir={out}", f"data.data_file={data}")
+    line = error_line(log, f"{folder(out)}: cannot write outputs here")
+    assert code == EXIT_NOT_RUN and "make the folder writable, or copy it" in line and "choose another" not in line
