@@ -129,3 +129,17 @@ def test_a_run_that_never_reaches_a_failed_row_keeps_its_failure_listed(cli, tmp
     code, _ = cli(*batch_args(data, tmp_path / "out", f"model.name={tmp_path / 'no-such-model'}"))
     assert code == EXIT_NOT_RUN
     assert [json.loads(line)["id"] for line in failures.read_text().splitlines()] == ["gone"]
+
+
+def test_a_ground_truth_edit_redoes_the_box_step_without_the_model(cli, tmp_path, model_loads):
+    rows = [dict(r, bbox=[9, 49, 66, 106]) for r in good_rows(2)]
+    data, out = rows_file(tmp_path, rows), tmp_path / "out"
+    assert cli(*batch_args(data, out, "data.visualize_batch=true"))[0] == EXIT_OK
+    figure = (folder(out) / "r0_top3.png").read_bytes()
+    rows[0]["bbox"] = [0, 0, 20, 20]
+    rows_file(tmp_path, rows)
+    code, log = cli(*batch_args(data, out, "data.visualize_batch=true"))
+    assert code == EXIT_OK and "redoing 1 rows: ground truth changed (r0)" in log
+    assert "1 to redo from saved attention, 0 to run through the model" in log and len(model_loads) == 1
+    assert bbox_of(out, "r0")["gt_bbox"] == [0, 0, 20, 20] and bbox_of(out, "r1")["gt_bbox"] == [9, 49, 66, 106]
+    assert (folder(out) / "r0_top3.png").read_bytes() != figure
