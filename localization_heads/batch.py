@@ -1,6 +1,7 @@
 """stage=batch: JSONL rows → attention, analysis, mask and box per id, batched through the model.
 
-  rows      the whole data file is checked before anything runs (validate.jsonl_rows)
+  rows      the whole data file is checked before anything runs (validate.jsonl_rows); no row selected
+            is refused, as are fixed heads the model does not have
   locks     the run holds its rows (locks.py): another run on any of them refuses to start
   resume    a row is complete when its _bbox.json records this row's inputs (prompt, image file),
             these settings, and the size and time of each of the row's other files; a row whose
@@ -8,7 +9,7 @@
   shards    data.num_shards=N data.shard=i: only the rows shard i owns (shards.py), same folder
   images    decoded by data.num_workers threads a little ahead of the model
   progress  a bar on a terminal, a log line per 5 % or per minute elsewhere (progress.py)
-  failures  a failing row is logged, listed in failures.jsonl and skipped; the others finish
+  failures  a failing row is logged and written to failures.jsonl as it fails, and skipped; the others finish
   Ctrl-C    stops after the row being written; only complete rows remain and a rerun resumes
 """
 from __future__ import annotations
