@@ -312,9 +312,9 @@ def evaluate(data_file: str | Path, pred_dir: str | Path, out_dir: str | Path | 
     truth = load_ground_truth(data_file)
     failures = load_failures(pred_dir)
     results = [score_prediction(gt, pred_dir, failures) for gt in track(truth, "evaluate", unit="rows")]
+    masks = {gt.id: score_mask(gt, pred_dir, r) for gt, r in zip(truth, results) if gt.segmentation is not None}
     check_scored(results, data_file, pred_dir)
     summary = summarize(results, data_file, pred_dir)
-    masks = {gt.id: score_mask(gt, pred_dir, r) for gt, r in zip(truth, results) if gt.segmentation is not None}
     summary.update(summarize_masks(list(masks.values())))
     out = Path(out_dir) if out_dir is not None else pred_dir
     atomic_write_text(out / "evaluation_rows.csv", rows_csv(results, masks))
