@@ -1,6 +1,7 @@
 """stage=batch: JSONL rows → attention, analysis, mask and box per id, batched through the model.
 
-  rows      the whole data file is checked before anything runs (validate.jsonl_rows)
+  rows      the whole data file is checked before anything runs (validate.jsonl_rows); no row selected
+            is refused, as are fixed heads the model does not have
   locks     the run holds its rows (locks.py): another run on any of them refuses to start
   resume    a row is complete when its _bbox.json records this row's inputs (prompt, image file),
             these settings, and the size and time of each of the row's other files; a row whose
@@ -10,7 +11,7 @@
   shards    data.num_shards=N data.shard=i: only the rows shard i owns (shards.py), same folder
   images    decoded by data.num_workers threads a little ahead of the model
   progress  a bar on a terminal, a log line per 5 % or per minute elsewhere (progress.py)
-  failures  a failing row is logged, listed in failures.jsonl and skipped; the others finish
+  failures  a failing row is logged and written to failures.jsonl as it fails, and skipped; the others finish
   Ctrl-C    stops after the row being written; only complete rows remain and a rerun resumes
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ from localization_heads.progress import Progress
 from localization_heads import refine
 from localization_heads import settings
 from localization_heads import shards
-from localization_heads.settings import box_settings, collect_settings, gen_kwargs, model_dir, row_source, source_change
+from localization_heads.settings import (box_settings, collect_change, collect_kwargs, collect_settings, model_dir, row_source,
+                                         source_change)
 from localization_heads import validate
 
 log = logging.getLogger("batch")
@@ -59,14 +61,21 @@ def select_rows(cfg: Settings) -> list[Row]:
     model loads."""
     data_file = Path(str(cfg.data.data_file))
     rows = validate.jsonl_rows(data_file, required=("id", "prompt", "image_path"))
+    if not rows:
+        raise InputError(f"{data_file}: no rows; nothing to run (give one JSON object per line)")
     if not cfg.data.process_all:
         start = int(cfg.data.start_index)
         end = int(cfg.data.end_index) if cfg.data.end_index is not None else len(rows)
         if (start, end) != (0, len(rows)):
             log.warning("batch: only rows [%d, %d) of the %d in %s (data.start_index, data.end_index); "
                         "add data.process_all=true to run them all", start, min(end, len(rows)), len(rows), data_file)
+        if not rows[start:end]:
+            raise InputError(f"{data_file}: no rows in [{start}, {end}) of its {len(rows)}; nothing to run "
+                             "(check data.start_index / data.end_index, or data.process_all=true)")
         rows = rows[start:end]
     rows = shards.rows_of_shard(rows, cfg.data.num_shards, cfg.data.shard)
+    if not rows:   # more shards than rows: this one has nothing to do, which is not an error of the run
+        log.warning("batch: shard %s of %s owns no row of %s", cfg.data.shard, cfg.data.num_shards, data_file)
     selected = []
     for lineno, row in rows:
         item_id, image = str(row["id"]), resolve_path(row["image_path"], data_file.parent)
@@ -80,22 +89,22 @@ def run_batch(cfg: Settings) -> dict:
     rows = select_rows(cfg)
     out_dir = model_dir(cfg)
     figure = figure_suffix(cfg.logic) if cfg.data.visualize_batch else None
-    failures: list[dict] = []
     with RowLocks(out_dir, [r.id for r in rows]) as locks:
         rebox, todo = plan(out_dir, rows, cfg, figure)
+        validate.check_heads_fit(cfg, out_dir, rebox + todo)
         log.info("batch: %d rows: %d complete, %d to redo from saved attention, %d to run through the model → %s",
                  len(rows), len(rows) - len(rebox) - len(todo), len(rebox), len(todo), out_dir)
+        failures = FailureLog(out_dir, Path(str(cfg.data.data_file)).resolve(), locks)
         # Rows this run settles: complete already, or written or failed now. Only their entries in
         # failures.jsonl are replaced; rows never reached (Ctrl-C, a model that cannot load) keep theirs.
         waiting = {r.id for r in rebox + todo}
         settled = {r.id for r in rows if r.id not in waiting}
         try:
             written = process(out_dir, rebox, todo, cfg, figure, failures, settled, total=len(rows))
-        finally:   # interrupted or not, the failures so far are listed
-            settled |= {f["id"] for f in failures}
-            listed = record_failures(out_dir, Path(str(cfg.data.data_file)).resolve(), settled, failures, locks)
+        finally:   # interrupted or not: the entries of rows that succeeded now go
+            failures.finish(settled)
     log.info("batch: %d written, %d failed%s", written, len(failures),
-             f" (listed in {out_dir / FAILURES})" if failures and listed else "")
+             f" (listed in {out_dir / FAILURES})" if len(failures) and failures.writable else "")
     return {"rows": len(rows), "written": written, "failed": len(failures), "out_dir": str(out_dir)}
 
 
@@ -145,8 +154,8 @@ def row_state(out_dir: Path, row: Row, figure: str | None, collect_now: dict, bo
     except InputError:
         return "collect", "attention file unreadable"
     meta = record["meta"]
-    recollect = source_change(meta.get("source"), row.source) or (
-        None if meta.get("collect_settings") == collect_now else "collection settings changed") or (
+    recollect = source_change(meta.get("source"), row.source) or collect_change(meta.get("collect_settings"),
+                                                                                collect_now) or (
         missing_heads(stored_heads(record), heads))
     return ("collect", recollect) if recollect else ("rebox", why)
 
@@ -159,14 +168,17 @@ def outputs_stale(out_dir: Path, row: Row, summary, figure: str | None, collect_
     why = source_change(summary.get("source"), row.source)
     if why:
         return why
-    if summary.get("collect_settings") != collect_now:
-        return "collection settings changed"
+    why = collect_change(summary.get("collect_settings"), collect_now)
+    if why:
+        return why
     if summary.get("settings") != box_now:
         return "logic changed"
     storage, heads = needed
     lacking = missing_heads(summary.get("stored_heads"), heads) if storage != "none" else None
     if lacking:
         return lacking
+    if summary.get("gt_bbox") != row.bbox:   # drawn in the figure and kept in _bbox.json: redo the box step
+        return "ground truth changed"
     files = summary.get("row_files")
     wanted = [f"{row.id}{s}" for s in (".pkl" if storage != "none" else None, "_analysis.pkl", "_mask.png", figure) if s]
     if not isinstance(files, dict) or not set(wanted) <= files.keys():
@@ -182,13 +194,15 @@ def outputs_stale(out_dir: Path, row: Row, summary, figure: str | None, collect_
 # ---------------------------------------------------------------- the run
 
 def process(out_dir: Path, rebox: list[Row], todo: list[Row], cfg: Settings, figure: str | None,
-            failures: list[dict], written_ids: set[str], total: int) -> int:
+            failures: "FailureLog", written_ids: set[str], total: int) -> int:
     """Run `todo` through the model and write every row; returns the number written (their ids are
     added to `written_ids`). Saving, analysis, boxes and figures run on one writer thread while the
     model works on the next batch. Progress counts all `total` rows of the run, the complete ones as
     done from the start."""
     batch_size = int(cfg.data.batch_size)
     # SAM (logic.mask.refine=sam), loaded once per run and only when a row needs a mask; else None
+    if rebox or todo:
+        validate.check_refiner(cfg)
     refiner = refine.load_refiner(cfg) if rebox or todo else None
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
     pending: deque[tuple[Row, Future]] = deque()
@@ -210,7 +224,7 @@ def process(out_dir: Path, rebox: list[Row], todo: list[Row], cfg: Settings, fig
                         writer.submit(refiner.prefetch, [(str(row.image), image) for row, image, error in batch if error is None])
                     for row, record_or_error in collect_batch(adapter, batch, cfg):
                         if isinstance(record_or_error, str):
-                            failures.append(failure(row, record_or_error))
+                            failures.add(row, record_or_error)
                             progress.update(1, failed=len(failures))
                         else:
                             finish_later(row, record_or_error)
@@ -280,8 +294,7 @@ def collect_batch(adapter, batch: list, cfg: Settings) -> Iterator[tuple[Row, di
         group = groups.pop(0)
         try:
             records = collect(adapter, [image for _, image in group], [row.prompt for row, _ in group],
-                              attn_capture=str(cfg.model.attn_capture), use_generate=bool(cfg.model.use_generate),
-                              gen_kwargs=gen_kwargs(cfg))
+                              **collect_kwargs(cfg))
         except Exception as e:  # noqa: BLE001 — isolate, report, keep going
             if len(group) > 1:
                 groups.extend([g] for g in group)
@@ -313,7 +326,7 @@ def finish_row(out_dir: Path, row: Row, record: dict | None, cfg: Settings, figu
     write_outputs(out_dir, row.id, view, run_analysis(view, cfg.logic), cfg.logic, figure=figure, refiner=refiner)
 
 
-def drain(pending: deque, failures: list[dict], written_ids: set[str], progress: Progress, keep: int) -> int:
+def drain(pending: deque, failures: "FailureLog", written_ids: set[str], progress: Progress, keep: int) -> int:
     """Collect finished writes, oldest first, waiting while more than `keep` are pending; returns
     the number written."""
     written = 0
@@ -326,39 +339,52 @@ def drain(pending: deque, failures: list[dict], written_ids: set[str], progress:
         except CancelledError:
             continue   # dropped by an interrupt: not written, not failed; a rerun does it
         except Exception as e:  # noqa: BLE001
-            failures.append(failure(row, f"{e.__class__.__name__}: {e}"))
+            failures.add(row, f"{e.__class__.__name__}: {e}")
         progress.update(1, failed=len(failures))
     return written
 
 
 # ---------------------------------------------------------------- failures
 
-def failure(row: Row, error: str) -> dict:
-    return {"id": row.id, "error": error, "line": row.lineno}
+class FailureLog:
+    """The run's failed rows. failures.jsonl lists the failed rows of every run into this folder;
+    each failure is logged and written there when it happens (an atomic rewrite under the folder's
+    lock), so SIGTERM, an OOM kill or kill -9 loses no reason. A run replaces the entries of the
+    rows it settles (its data file; ids complete, written or failed now) and keeps all others, so
+    another JSONL, another shard or a row this run never reached keeps its entry."""
 
+    def __init__(self, out_dir: Path, data_file: Path, locks: RowLocks):
+        self.path, self.data_file, self.locks = out_dir / FAILURES, str(data_file), locks
+        self.entries: list[dict] = []
+        self.writable = True
 
-def record_failures(out_dir: Path, data_file: Path, settled: set[str], failures: list[dict], locks: RowLocks) -> bool:
-    """failures.jsonl lists the failed rows of every run into this folder: a run replaces the
-    entries of the rows it settled (its data file; ids complete, written or failed now) and keeps
-    all others, so another JSONL, another shard or a row this run never reached keeps its entry.
-    The failures are logged first, so a full disk loses nothing; returns whether the file could be
-    updated."""
-    for f in failures:
-        log.error("failed %s (line %d): %s", f["id"], f["line"], f["error"])
-    path, mine = out_dir / FAILURES, settled
-    ours = [dict(f, data_file=str(data_file)) for f in failures]
-    try:
-        with locks.shared_file():
-            kept = [e for e in read_failures(path)
-                    if not (e.get("data_file", str(data_file)) == str(data_file) and e.get("id") in mine)]
-            if kept or ours:
-                atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept + ours))
-            elif path.exists():
-                path.unlink()
-    except OSError as e:
-        log.error("could not update %s (%s); the failed rows are listed above", path, e)
-        return False
-    return True
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, row: Row, error: str) -> None:
+        log.error("failed %s (line %d): %s", row.id, row.lineno, error)
+        entry = {"id": row.id, "error": error, "line": row.lineno, "data_file": self.data_file}
+        self.entries.append(entry)
+        self._update(drop={row.id}, add=[entry])
+
+    def finish(self, settled: set[str]) -> None:
+        """Drop the entries of the rows this run settled without failing."""
+        self._update(drop=settled - {e["id"] for e in self.entries}, add=[])
+
+    def _update(self, drop: set[str], add: list[dict]) -> None:
+        try:
+            with self.locks.shared_file():
+                old = read_failures(self.path)
+                kept = [e for e in old if not (e.get("data_file", self.data_file) == self.data_file and e.get("id") in drop)]
+                if kept or add:
+                    if kept != old or add:
+                        atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in kept + add))
+                elif self.path.exists():
+                    self.path.unlink()
+        except OSError as e:
+            if self.writable:   # a full disk: said once; every failure is still logged as it happens
+                log.error("could not update %s (%s); the failed rows are listed in the log", self.path, e)
+            self.writable = False
 
 
 def read_failures(path: Path) -> list[dict]:

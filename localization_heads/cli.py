@@ -113,7 +113,7 @@ def stage_pipeline(cfg: Settings) -> dict:
 def stage_select(cfg: Settings) -> dict:
     folder = Path(str(cfg.data.attention_dir)) if cfg.data.attention_dir else model_dir(cfg)
     files = _voters(cfg, folder)
-    result = select_over(((p.name, load_attention(p)) for p in track(files, "select")), cfg.logic, str(folder))
+    result = select_over(_one_run(folder, files), cfg.logic, str(folder))
     result.update(attention_dir=str(folder), data_file=str(cfg.data.data_file) if cfg.data.data_file else None)
     atomic_write_json(folder / "selected_heads.json", result)
     rows = ["layer,head,count,frequency"] + [f"{c['layer']},{c['head']},{c['count']},{c['frequency']:.6f}"
@@ -122,6 +122,34 @@ def stage_select(cfg: Settings) -> dict:
     log.info("selected heads %s from %d samples (tau=%s) → %s", result["heads"], result["n_samples"],
              result["tau"], folder / "selected_heads.json")
     return result
+
+
+def _one_run(folder: Path, files: list[Path]):
+    """(name, record) of each voter, refusing a mix of models or collection settings (_same_run)."""
+    first = None
+    for p in track(files, "select"):
+        record = load_attention(p)
+        first = first or (p, record["meta"])
+        _same_run(folder, first, p, record["meta"])
+        yield p.name, record
+
+
+def _same_run(folder: Path, first: tuple[Path, dict], path: Path, meta: dict) -> None:
+    """Votes count only among attention files of one model collected one way: refuse a mix,
+    naming a file of each and what differs (model, weights, capture, dtype, ...)."""
+    def identity(m: dict) -> dict:
+        return {"model_name": m.get("model_name"), **(m.get("collect_settings") or {})}
+
+    a, b = identity(first[1]), identity(meta)
+    differ = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if differ:
+        def short(v) -> str:
+            return repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."
+
+        shown = "; ".join(f"{k}: {short(a.get(k))} vs {short(b.get(k))}" for k in differ[:3])
+        raise InputError(f"{folder}: attention files of different models or collection settings: {first[0].name} and "
+                         f"{path.name} differ in {shown}; select over one run at a time (data.attention_dir, or "
+                         "data.data_file=<jsonl> for that run's rows)")
 
 
 def _voters(cfg: Settings, folder: Path) -> list[Path]:

@@ -8,6 +8,8 @@ attention weights). meta["layers"] lists the model index of each row of L; files
 Forward mode (default): one prefill; the query is the last prompt token (the end of the expression).
 Generate mode: `generate` with the configured decoding; the query is the FIRST GENERATED token,
 falling back to the prompt's row when nothing was generated.
+The query token's text is kept in the meta ("query_token"), with a warning when it is an unknown
+word, a special token or blank: its attention then need not stand for the expression.
 
 Capture: `attn_capture="sdpa"` (capture.py, one row per layer beside the SDPA kernel) or "eager"
 (`output_attentions=True`, every full map materialised — kept for comparison). Either way the
@@ -85,19 +87,20 @@ def capture_rows(adapter: Adapter, prepared: Prepared, *, attn_capture: str = "s
 
 @torch.inference_mode()
 def generate_then_capture(adapter: Adapter, prepared: Prepared, *, attn_capture: str = "sdpa",
-                          gen_kwargs: dict | None = None) -> tuple[torch.Tensor, list[str]]:
+                          gen_kwargs: dict | None = None) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Generate, then capture the FIRST GENERATED token's row by one forward pass over prompt +
     that token (the same softmax as decode step 1, any decoding strategy). The reference code read
-    the prefill's row 0 (BOS, which sees no image) instead."""
+    the prefill's row 0 (BOS, which sees no image) instead. Returns the rows, the generated texts
+    and the [B] ids of the tokens whose rows were captured."""
     out = adapter.model.generate(**prepared.inputs, return_dict_in_generate=True,
                                  **adapter.generate_kwargs, **(gen_kwargs or {}))
     texts = adapter.decode_generated(out.sequences, prepared)
     prompt_len = prepared.inputs["input_ids"].shape[1] if "input_ids" in prepared.inputs else 0
     if out.sequences.shape[1] <= prompt_len:
         log.warning("generation produced no token; using the forward-mode row")
-        return capture_rows(adapter, prepared, attn_capture=attn_capture), texts
+        return capture_rows(adapter, prepared, attn_capture=attn_capture), texts, adapter.query_token_ids(prepared)
     first = out.sequences[:, prompt_len]                                    # [B]
-    return capture_rows(adapter, adapter.append_tokens(prepared, first), attn_capture=attn_capture), texts
+    return capture_rows(adapter, adapter.append_tokens(prepared, first), attn_capture=attn_capture), texts, first
 
 
 def _checked(rows: torch.Tensor, adapter: Adapter, batch: int) -> torch.Tensor:
@@ -114,9 +117,13 @@ def collect(adapter: Adapter, images: list[Image.Image], queries: list[str], *, 
     """Attention records for a batch: {"attn": [L, H, 1, V] float32 CPU, "meta": {...}} per sample."""
     prepared = adapter.prepare(images, [check_query(q) for q in queries])
     if use_generate:
-        rows, texts = generate_then_capture(adapter, prepared, attn_capture=attn_capture, gen_kwargs=gen_kwargs)
+        rows, texts, query_ids = generate_then_capture(adapter, prepared, attn_capture=attn_capture,
+                                                       gen_kwargs=gen_kwargs)
     else:
         rows, texts = capture_rows(adapter, prepared, attn_capture=attn_capture), None
+        query_ids = adapter.query_token_ids(prepared)
+    # The template's own end (query_at=generation_prompt) is a special or blank token by design.
+    expected_word = use_generate or adapter.query_at == "expression"
     records = []
     for b, (query, layout) in enumerate(zip(queries, prepared.layouts)):
         positions = prepared.image_positions[b].to(rows.device)              # [V_b]
@@ -141,8 +148,25 @@ def collect(adapter: Adapter, images: list[Image.Image], queries: list[str], *, 
         }
         if texts is not None:
             meta["generated_text"] = texts[b]
+        meta["query_token"], problem = query_token(adapter.tokenizer, int(query_ids[b]))
+        if problem and expected_word:
+            log.warning("query %r: the attention is read from %s (%r); its box may not stand for the expression: "
+                        "rephrase it in words the model knows", query, problem, meta["query_token"])
         records.append({"attn": attn, "meta": meta})
     return records
+
+
+def query_token(tokenizer, token_id: int) -> tuple[str, str | None]:
+    """The query token as text, and what is wrong with it as the token whose attention is read
+    (an unknown word, a special token, blank), or None."""
+    text = tokenizer.decode([token_id])
+    if tokenizer.unk_token_id is not None and token_id == tokenizer.unk_token_id:
+        return text, "the unknown token (a word the tokenizer does not know)"
+    if token_id in tokenizer.all_special_ids:
+        return text, "a special token"
+    if not text.strip():
+        return text, "a blank token"
+    return text, None
 
 
 # ---------------------------------------------------------------- attention files
@@ -238,9 +262,15 @@ def load_attention(path: str | Path) -> dict:
         raise InputError(f"{path}: not an attention file ({e.__class__.__name__}: {e})") from None
     if not isinstance(obj, dict) or "attn" not in obj or "meta" not in obj:
         raise InputError(f"{path}: not an attention file (expected a dict with 'attn' and 'meta')")
-    attn = torch.as_tensor(np.asarray(obj["attn"]) if not torch.is_tensor(obj["attn"]) else obj["attn"]).float()
-    if isinstance(obj["meta"], dict) and obj["meta"].get("stored_heads") is not None:
-        return _heads_only(attn, dict(obj["meta"]), path)
+    attn, meta = obj["attn"], obj["meta"]
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: 'meta' is a {type(meta).__name__}, expected a dict; the file is damaged: collect it again")
+    if not (torch.is_tensor(attn) or (isinstance(attn, np.ndarray) and attn.dtype.kind in "fiu")):
+        raise InputError(f"{path}: 'attn' is a {type(attn).__name__}, expected a tensor [L, H, 1, V]; "
+                         "the file is damaged: collect it again")
+    attn = torch.as_tensor(attn).float()
+    if meta.get("stored_heads") is not None:
+        return _heads_only(attn, dict(meta), path)
     if attn.dim() == 3:  # [L, H, V] from tools that drop the query axis
         attn = attn.unsqueeze(2)
     if attn.dim() != 4 or attn.shape[2] != 1:
@@ -248,8 +278,21 @@ def load_attention(path: str | Path) -> dict:
     if not torch.isfinite(attn).all():   # one NaN would drop τ to 0 and pass every head
         raise InputError(f"{path}: 'attn' holds {int((~torch.isfinite(attn)).sum())} NaN/inf values; "
                          "the file is damaged: collect it again")
-    meta = _complete_meta(dict(obj["meta"]), attn, path)
-    return {"attn": attn, "meta": meta}
+    size = meta.get("image_size")
+    if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2
+                                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise InputError(f"{path}: meta 'image_size' is {size!r}, expected [width, height] in pixels; "
+                         "the file is damaged: collect it again")
+    return {"attn": attn, "meta": _complete_meta(dict(meta), attn, path)}
+
+
+def check_image_size(meta: dict, image: Image.Image, attention_file: str | Path) -> None:
+    """The image an attention file was collected from has the size the file records: boxes are
+    placed on the image by that size, so another size would put them off (or outside) the image."""
+    if list(meta["image_size"]) != list(image.size):
+        raise InputError(f"{meta.get('image_file')}: {image.width}x{image.height} px, but {attention_file} was collected "
+                         f"from a {meta['image_size'][0]}x{meta['image_size'][1]} px image (meta 'image_size'); "
+                         "collect it again from this image, or point meta 'image_file' at the image it was made from")
 
 
 def _heads_only(rows: torch.Tensor, meta: dict, path: Path) -> dict:

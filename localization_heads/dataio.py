@@ -1,7 +1,9 @@
 """Files in and out: JSONL rows with line-numbered errors, atomic writes, safe output paths."""
 from __future__ import annotations
 
+import codecs
 import json
+import math
 import os
 import pickle
 import secrets
@@ -34,8 +36,16 @@ def jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict | None, str | No
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: JSONL file not found; check data.data_file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):   # Windows editors write one
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, (f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                     "save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -111,6 +121,21 @@ def id_problem(item_id: str) -> str | None:
         if item_id.endswith(ending):
             return (f"id {item_id!r} ends in {ending!r}, which names another id's output "
                     f"({item_id[:-len(ending)]}{ending}.pkl); rename it")
+    return None
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float; bool is an int subclass, but true/false in a box is a data bug."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def box_problem(box: Any) -> str | None:
+    """Why `box` is not an xyxy box in pixels (4 finite numbers, x1 >= x0, y1 >= y0), or None.
+    JSON's NaN and Infinity, strings ("9196") and nested lists are all refused, never coerced."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(is_number(v) for v in box)):
+        return f"{json.dumps(box)[:60]} is not 4 finite numbers [x0, y0, x1, y1] in pixels"
+    if box[2] < box[0] or box[3] < box[1]:
+        return f"{json.dumps(box)[:60]} has x1 < x0 or y1 < y0; give [x0, y0, x1, y1]"
     return None
 
 

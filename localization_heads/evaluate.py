@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,11 +30,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from localization_heads import cocomask
-from localization_heads.dataio import InputError, atomic_write_json, atomic_write_text, read_jsonl, resolve_path, safe_output_path
+from localization_heads.dataio import (InputError, atomic_write_json, atomic_write_text, box_problem, is_number, read_jsonl,
+                                      resolve_path, safe_output_path)
 from localization_heads.progress import track
 from localization_heads.settings import row_source, source_change
 
+log = logging.getLogger("evaluate")
 THRESHOLDS = (0.25, 0.5, 0.75)
+UNSCORED = ("missing", "stale", "failed")   # no current prediction to score
 MAX_LISTED = 100  # evaluation.json stays readable on a 10k-row split; the CSV has every row
 
 
@@ -53,20 +56,14 @@ def iou_xyxy(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _is_number(v: Any) -> bool:
-    # bool is an int subclass; true/false in a bbox is a data bug, not a coordinate
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _valid_xyxy(box: Any) -> bool:
-    return (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)
-            and box[2] >= box[0] and box[3] >= box[1])
+    return box_problem(box) is None
 
 
 @dataclass(frozen=True)
 class GroundTruth:
     id: str
-    bbox: tuple[float, float, float, float]
+    bbox: tuple[float, float, float, float] | None   # None: no ground-truth box (report only)
     size: tuple[int, int] | None  # (width, height) when the JSONL has them
     segmentation: Any = None  # COCO RLE dict or polygons (RES rows); None: box evaluation only
     where: str = ""  # "<data_file>:<line>", for errors in the segmentation found while scoring
@@ -82,35 +79,40 @@ class RowResult:
     size_mismatch: bool = False
 
 
-def load_ground_truth(data_file: str | Path) -> list[GroundTruth]:
-    """Rows of the data JSONL with a validated xyxy `bbox`; ids must be unique file-name-safe strings."""
-    rows: list[GroundTruth] = []
-    seen: dict[str, int] = {}
-    for lineno, row in read_jsonl(data_file, required=("id", "bbox")):
-        item_id = str(row["id"])
+def load_ground_truth(data_file: str | Path, require_bbox: bool = True) -> list[GroundTruth]:
+    """The rows of the data JSONL, checked as stage=batch checks its rows (every problem of the file
+    listed at once) and with a valid xyxy `bbox` (rows without one have bbox None when
+    require_bbox=False: a report over a run without ground truth). The one reader of ground truth
+    for stage=evaluate and stage=report."""
+    from localization_heads.validate import jsonl_rows   # here: validate → refine → viz → evaluate
+
+    def segmentation_problem(where: str, row: dict) -> list[str]:
+        if row.get("segmentation") is None:
+            return []
         try:
-            safe_output_path(".", item_id, "")
+            _check_segmentation(row["segmentation"], _size(row), where)
         except InputError as e:
-            raise InputError(f"{data_file}:{lineno}: key 'id': {e}") from None
-        if item_id in seen:
-            raise InputError(f"{data_file}:{lineno}: key 'id': {item_id!r} already used on line {seen[item_id]}; ids must be unique")
-        seen[item_id] = lineno
-        box = row["bbox"]
-        if not _valid_xyxy(box):
-            raise InputError(f"{data_file}:{lineno}: key 'bbox' must be 4 finite numbers [x0, y0, x1, y1] "
-                             f"in pixels with x1 >= x0 and y1 >= y0, got {box!r}")
-        w, h = row.get("width"), row.get("height")
-        size = (int(w), int(h)) if _is_number(w) and _is_number(h) else None
-        segmentation = row.get("segmentation")
-        if segmentation is not None:
-            _check_segmentation(segmentation, size, f"{data_file}:{lineno}")
+            return [str(e)]
+        return []
+
+    required = ("id", "bbox") if require_bbox else ("id",)
+    rows: list[GroundTruth] = []
+    for lineno, row in jsonl_rows(data_file, required, extra=segmentation_problem):
+        item_id = str(row["id"])
+        box = row.get("bbox")
         prompt, image = row.get("prompt"), row.get("image_path")
         source = (row_source(item_id, prompt, image, resolve_path(image, Path(data_file).parent))
                   if isinstance(prompt, str) and isinstance(image, str) else None)
-        rows.append(GroundTruth(item_id, tuple(float(v) for v in box), size, segmentation, f"{data_file}:{lineno}", source))
+        rows.append(GroundTruth(item_id, tuple(float(v) for v in box) if box is not None else None, _size(row),
+                                row.get("segmentation"), f"{data_file}:{lineno}", source))
     if not rows:
         raise InputError(f"{data_file}: no rows; nothing to evaluate")
     return rows
+
+
+def _size(row: dict) -> tuple[int, int] | None:
+    w, h = row.get("width"), row.get("height")
+    return (int(w), int(h)) if is_number(w) and is_number(h) else None
 
 
 def load_failures(pred_dir: str | Path) -> dict[str, str]:
@@ -152,7 +154,7 @@ def score_prediction(gt: GroundTruth, pred_dir: Path, failures: dict[str, str]) 
     size = pred.get("image_size")
     # a box predicted on a resized image would silently score low; flag it instead of guessing a rescale
     mismatch = (gt.size is not None and isinstance(size, (list, tuple)) and len(size) == 2
-                and [int(v) if _is_number(v) else v for v in size] != list(gt.size))
+                and [int(v) if is_number(v) else v for v in size] != list(gt.size))
     return RowResult(gt.id, iou_xyxy(box, gt.bbox), "ok", size_mismatch=mismatch)
 
 
@@ -255,6 +257,21 @@ def staleness(gt: GroundTruth, pred: dict) -> str | None:
     return None
 
 
+def check_scored(results: list[RowResult], data_file: str | Path, pred_dir: str | Path) -> None:
+    """Say on the console how many rows have no current prediction (they score IoU 0); InputError
+    when that is every row: nothing could be scored, and "Acc 0.000" would look like a result."""
+    unscored = [r for r in results if r.status in UNSCORED]
+    if not unscored:
+        return
+    counts = ", ".join(f"{s} {n}" for s in UNSCORED if (n := sum(r.status == s for r in unscored)))
+    line = f"{len(unscored)} of {len(results)} predictions missing / stale ({counts}) in {pred_dir}"
+    if len(unscored) == len(results):
+        example = unscored[0]
+        raise InputError(f"{line}; nothing could be scored (e.g. {example.id}: {example.reason}); "
+                         f"run stage=batch on {data_file} first, or point data.pred_dir at its predictions")
+    log.warning("%s; they score IoU 0 and are listed", line)
+
+
 def summarize(results: list[RowResult], data_file: str | Path, pred_dir: str | Path) -> dict[str, Any]:
     n = len(results)
     not_ok = [r for r in results if r.status != "ok"]
@@ -295,8 +312,9 @@ def evaluate(data_file: str | Path, pred_dir: str | Path, out_dir: str | Path | 
     truth = load_ground_truth(data_file)
     failures = load_failures(pred_dir)
     results = [score_prediction(gt, pred_dir, failures) for gt in track(truth, "evaluate", unit="rows")]
-    summary = summarize(results, data_file, pred_dir)
     masks = {gt.id: score_mask(gt, pred_dir, r) for gt, r in zip(truth, results) if gt.segmentation is not None}
+    check_scored(results, data_file, pred_dir)
+    summary = summarize(results, data_file, pred_dir)
     summary.update(summarize_masks(list(masks.values())))
     out = Path(out_dir) if out_dir is not None else pred_dir
     atomic_write_text(out / "evaluation_rows.csv", rows_csv(results, masks))

@@ -36,7 +36,13 @@ class RowLocks:
 
     def __enter__(self) -> "RowLocks":
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        path = self.folder / LOCK_FILE
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:   # e.g. created by another user on a shared folder, with their umask
+            raise InputError(f"{path}: cannot open the rows' lock file ({e.strerror or e}); every run into this folder "
+                             "needs to write it: ask its owner to make it writable (chmod a+rw), remove it while no run "
+                             "is writing here, or write elsewhere (data.output_dir)") from None
         busy = []
         for item_id in self.ids:
             try:

@@ -11,7 +11,8 @@ from localization_heads import analyze as analysis
 from localization_heads import bbox
 from localization_heads import refine
 from localization_heads import viz
-from localization_heads.collector import keep_heads, missing_heads, save_attention, stored_heads, stored_rows
+from localization_heads.collector import (check_image_size, keep_heads, missing_heads, save_attention, stored_heads,
+                                          stored_rows)
 from localization_heads.config import LogicSettings, Settings
 from localization_heads.images import load_image
 from localization_heads.layout import Layout, analysis_record
@@ -147,6 +148,10 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, logic
     """<id>_analysis.pkl, <id>_mask.png (+ <id>_mask_coarse.png when SAM refines it), <id>_bbox.json
     and (figure=True) <id>_top{K}.png. refiner: SAM, loaded once by the caller when logic.mask.refine=sam."""
     check_heads(record, logic)
+    image = None
+    if figure:   # before anything is written: the image must be the one the attention was collected from
+        image = load_image(record["meta"]["image_file"])
+        check_image_size(record["meta"], image, f"{item_id}.pkl")
     grounded = ground(record, result, logic, refiner)
     record, heads, source, loc = grounded["view"], grounded["heads"], grounded["heads_source"], grounded["loc"]
     mask, refinement = grounded["mask"], grounded["refinement"]
@@ -158,7 +163,6 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, logic
     atomic_write_bytes(safe_output_path(out_dir, item_id, "_analysis.pkl"), pickle.dumps(result))
     refine.write_masks(out_dir, item_id, loc["mask"], mask, refined=refinement is not None)
     if figure:
-        image = load_image(record["meta"]["image_file"])
         # The mask panel shows the mask written as <id>_mask.png: SAM's when it refined it.
         refined = refinement is not None and refinement["status"] == "ok"
         png = viz.figure_png(image, record["attn"], record["meta"], heads, dict(loc, mask=mask),
@@ -168,6 +172,7 @@ def write_outputs(out_dir: Path, item_id: str, record: dict, result: dict, logic
     summary = {
         "id": item_id,
         "query": record["meta"].get("query"),
+        "query_token": record["meta"].get("query_token"),   # the token whose attention was read
         "image_file": record["meta"].get("image_file"),
         "bbox_xyxy": loc["bbox_xyxy"],
         "gt_bbox": record["meta"].get("gt_bbox"),   # the JSONL row's bbox, when batch had one

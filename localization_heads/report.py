@@ -42,7 +42,7 @@ from localization_heads.bbox import combine_heads, grid_to_image
 from localization_heads.collector import load_attention
 from localization_heads.layout import analysis_record
 from localization_heads.images import load_image
-from localization_heads.dataio import InputError, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path
+from localization_heads.dataio import InputError, atomic_write_bytes, atomic_write_text, resolve_path
 from localization_heads.layout import Layout
 from localization_heads.outputs import load_analysis
 from localization_heads.progress import track
@@ -66,7 +66,7 @@ class Row:
     pred: list[float] | None = None
     gt: list[float] | None = None
     iou: float | None = None
-    status: str = "missing"       # ok | no_box | failed | missing
+    status: str = "missing"       # ok | no_box | failed | missing | stale
     reason: str = ""
     summary: dict = field(default_factory=dict)   # the <id>_bbox.json
 
@@ -82,37 +82,49 @@ def _read_summary(path: Path) -> dict:
 
 
 def collect_rows(folder: Path, data_file: str | None) -> tuple[list[Row], str]:
-    """The run's rows with predictions, ground truth and status, and a phrase saying where they came from."""
+    """The run's rows with predictions, ground truth and status, and a phrase saying where they came from.
+    The JSONL is read and its rows scored exactly as stage=evaluate reads and scores them."""
     predicted = {p.name[: -len(BBOX)] for p in folder.glob(f"*{BBOX}")}
-    jsonl: list[tuple[int, dict]] = []
+    truth: list[evaluate.GroundTruth] = []
     if data_file and Path(str(data_file)).is_file():
-        jsonl = list(read_jsonl(data_file, required=("id",)))
-        if predicted and not any(str(r["id"]) in predicted for _, r in jsonl):
+        truth = evaluate.load_ground_truth(data_file, require_bbox=False)
+        if predicted and not any(gt.id in predicted for gt in truth):
             log.warning("report: %s has none of the %d predictions in %s; reporting the folder instead",
                         data_file, len(predicted), folder)
-            jsonl = []
+            truth = []
     failures = evaluate.load_failures(folder)
-    if jsonl:
-        source = f"the {len(jsonl)} rows of {data_file}"
-        entries = [(str(r["id"]), r) for _, r in jsonl]
+    if truth:
+        source = f"the {len(truth)} rows of {data_file}"
+        entries = truth
         base = Path(str(data_file)).parent
     else:
         if not predicted:
             raise InputError(f"{folder}: no predictions (<id>{BBOX}) to report; run stage=batch or stage=pipeline first "
                              "(or set data.pred_dir)")
         source = f"the {len(predicted)} predictions in {folder}"
-        entries, base = [(item_id, {}) for item_id in sorted(predicted)], Path(".")
-    return [_row(folder, item_id, raw, base, failures) for item_id, raw in track(entries, "report", unit="rows")], source
+        entries, base = [evaluate.GroundTruth(item_id, None, None) for item_id in sorted(predicted)], Path(".")
+    rows = [_row(folder, gt, base, failures) for gt in track(entries, "report", unit="rows")]
+    scored = [evaluate.RowResult(r.id, r.iou, r.status, r.reason) for r in rows if r.gt is not None]
+    if scored:
+        evaluate.check_scored(scored, data_file or folder, folder)
+    return rows, source
 
 
-def _row(folder: Path, item_id: str, raw: dict, base: Path, failures: dict[str, str]) -> Row:
+def _row(folder: Path, truth: evaluate.GroundTruth, base: Path, failures: dict[str, str]) -> Row:
+    """A JSONL row (truth.source set) or a prediction of the folder (its ground truth from the
+    _bbox.json, which batch copied from the JSONL row it ran)."""
+    item_id = truth.id
     summary = _read_summary(folder / f"{item_id}{BBOX}")
-    gt = viz.as_box(raw["bbox"]) if "bbox" in raw else viz.as_box(summary.get("gt_bbox"))
-    image = summary.get("image_file") or (str(resolve_path(str(raw["image_path"]), base)) if "image_path" in raw else None)
-    row = Row(item_id, raw.get("prompt") or summary.get("query"), Path(image) if image else None,
-              viz.as_box(summary.get("bbox_xyxy")), gt, summary=summary)
-    if gt is not None:   # scored exactly as stage=evaluate scores it
-        scored = evaluate.score_prediction(evaluate.GroundTruth(item_id, tuple(gt), None), folder, failures)
+    recorded = truth.source or {}
+    image = summary.get("image_file") or (str(resolve_path(recorded["image_path"], base)) if recorded else None)
+    recorded_gt = viz.as_box(summary.get("gt_bbox"))
+    if truth.bbox is None and recorded_gt is not None:   # the ground truth batch copied from its JSONL row
+        truth = evaluate.GroundTruth(item_id, tuple(recorded_gt), None, source=truth.source)
+    row = Row(item_id, recorded.get("prompt") or summary.get("query"), Path(image) if image else None,
+              viz.as_box(summary.get("bbox_xyxy")), list(truth.bbox) if truth.bbox is not None else None,
+              summary=summary)
+    if truth.bbox is not None:   # scored exactly as stage=evaluate scores it
+        scored = evaluate.score_prediction(truth, folder, failures)
         row.iou, row.status, row.reason = scored.iou, scored.status, scored.reason
     elif summary:
         row.status, row.reason = ("ok", "") if row.pred is not None else ("no_box", "prediction has no box")
@@ -135,7 +147,7 @@ def bootstrap_interval(hits: np.ndarray, *, resamples: int = RESAMPLES, seed: in
 
 def metrics(rows: list[Row]) -> dict:
     scored = [r for r in rows if r.gt is not None]
-    out = {"rows": len(rows), "with_gt": len(scored), "failed": sum(r.status in ("failed", "missing") for r in rows),
+    out = {"rows": len(rows), "with_gt": len(scored), "failed": sum(r.status in evaluate.UNSCORED for r in rows),
            "no_box": sum(r.status == "no_box" for r in rows)}
     if scored:
         ious = np.array([r.iou for r in scored], dtype=np.float64)
@@ -328,7 +340,7 @@ def _fmt(v, digits: int = 3) -> str:
 
 def _metrics_html(m: dict) -> str:
     rows = [("rows", m["rows"]), ("rows with a ground-truth box (n)", m["with_gt"]),
-            ("failed or missing", m["failed"]), ("no box predicted", m["no_box"])]
+            ("failed, missing or stale", m["failed"]), ("no box predicted", m["no_box"])]
     if m["with_gt"]:
         low, high = m["acc@0.5_ci95"]
         rows += [("Acc@0.25", _fmt(m["acc@0.25"])),

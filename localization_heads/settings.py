@@ -57,8 +57,44 @@ def collect_settings(cfg) -> dict:
     keys = ("family", "conv_mode", "query_at", "image_kwargs", "attn_capture", "use_generate", "max_new_tokens",
             "do_sample", "num_beams", "dtype")
     model = cfg.model.to_dict()   # plain data: survives weights-only loading
-    return {"model": model_path(str(cfg.model.name)), **{k: model.get(k) for k in keys},
-            "attn_dtype": str(cfg.data.attn_dtype)}
+    name = model_path(str(cfg.model.name))
+    return {"model": name, **{k: model.get(k) for k in keys}, "attn_dtype": str(cfg.data.attn_dtype),
+            "weights": weights_identity(name, cfg.model.cache_dir)}
+
+
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def weights_identity(name: str, cache_dir: str | None = None) -> dict | None:
+    """What tells this checkpoint's weights from others under the same name: for a local folder,
+    the size and modification time of its config and weight files (weights replaced in place are
+    noticed); for a hub id, the revision (commit) of its cached snapshot. None when the model is
+    not here to look at (a rerun that only re-boxes saved attention needs no model)."""
+    folder = Path(name)
+    if folder.is_dir():
+        files = sorted({f for pattern in WEIGHT_FILES for f in folder.glob(pattern) if f.is_file()})
+        return {"files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(name, "config.json", cache_dir=cache_dir)
+    except ValueError:   # not a hub id
+        return None
+    # <cache>/models--org--name/snapshots/<commit>/config.json
+    return {"revision": Path(config).parent.name} if isinstance(config, str) else None
+
+
+def collect_change(recorded, now: dict) -> str | None:
+    """Why attention collected with the settings `recorded` is not what `now` (collect_settings)
+    would collect, or None. Weights that cannot be identified now (the model is not here) do not
+    count: the saved attention is the only attention there is."""
+    if not isinstance(recorded, dict):
+        return "collection settings changed"
+    if now.get("weights") is not None and recorded.get("weights") != now["weights"]:
+        return "model weights changed" if recorded.get("weights") else "made without a record of the model's weights"
+    if {k: v for k, v in recorded.items() if k != "weights"} != {k: v for k, v in now.items() if k != "weights"}:
+        return "collection settings changed"
+    return None
 
 
 def box_settings(logic) -> dict:
@@ -135,12 +171,24 @@ def load_adapter_from(cfg):
     """The adapter of cfg.model (config.ModelSettings), on the run's device."""
     from localization_heads.families import load_adapter
 
+    from safetensors import SafetensorError
+
     quiet_library_bars()
-    model = replace(cfg.model, name=model_path(str(cfg.model.name)), device=run_device(cfg))
+    name = model_path(str(cfg.model.name))
+    model = replace(cfg.model, name=name, device=run_device(cfg))
     gpus = run_gpus(cfg)
     if gpus and cfg.model.device_map is not None:
         model = replace(model, max_memory=shard_max_memory(cfg.model.max_memory, gpus))
-    return load_adapter(model, str(cfg.model.attn_capture))
+    try:
+        return load_adapter(model, str(cfg.model.attn_capture))
+    except InputError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        # A damaged or incomplete checkpoint (config, tokenizer, processor config, weights of the
+        # wrong shape): the loaders' messages run over many lines; the first says what failed.
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise InputError(f"{name}: cannot load the model ({e.__class__.__name__}: {first[:300]}); the checkpoint is "
+                         "damaged or incomplete: copy or download it again") from None
 
 
 def shard_max_memory(max_memory, gpus: list[int]) -> dict:

@@ -11,6 +11,7 @@ import secrets
 import socket
 import sys
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 from hydra.experimental.callback import Callback
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from localization_heads.families import FAMILIES
 from localization_heads.families.base import QUERY_AT
 from localization_heads.bbox import MASK_METHODS, THRESHOLDS
-from localization_heads.dataio import InputError, id_problem, jsonl_objects
+from localization_heads.dataio import InputError, box_problem, id_problem, jsonl_objects
 from localization_heads.families.llava import TEMPLATES
 from localization_heads.refine import REFINERS
 from localization_heads.settings import ATTN_DTYPES, fixed_heads, model_dir, model_path
@@ -220,8 +221,9 @@ def output_folder(cfg: DictConfig) -> tuple[Path, str] | None:
     return (Path(str(data.attention_file)).parent, "data.attention_file") if data.attention_file else None
 
 
-def folder_problem(folder: Path, create: bool, key: str = "data.output_dir") -> str | None:
-    """Write (and remove) a probe file, so a read-only or full folder is found before the model runs."""
+def folder_problem(folder: Path, create: bool, key: str = "data.output_dir", advice: str | None = None) -> str | None:
+    """Write (and remove) a probe file, so a read-only or full folder is found before the model runs.
+    `advice`: what to do instead of choosing another `key`."""
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
@@ -232,7 +234,7 @@ def folder_problem(folder: Path, create: bool, key: str = "data.output_dir") -> 
             f.write(b"probe")
         probe.unlink()
     except OSError as e:
-        return f"{folder}: cannot write outputs here ({e.strerror or e}); choose another {key}"
+        return f"{folder}: cannot write outputs here ({e.strerror or e}); {advice or f'choose another {key}'}"
     return None
 
 
@@ -258,25 +260,137 @@ def check_model(cfg) -> None:
 def model_problem(cfg) -> str | None:
     name = model_path(str(cfg.model.name))
     if Path(name).expanduser().is_dir():
-        return None
+        return model_folder_problem(Path(name).expanduser())
+    return hub_problem("model.name", name, cfg.model.get("cache_dir") or None)
+
+
+def check_refiner(cfg: DictConfig) -> None:
+    """Before loading SAM (logic.mask.refine=sam): its hub id, checked as the VLM's is."""
+    if str(OmegaConf.select(cfg, "logic.mask.refine", default="none")) != "sam":
+        return
+    name = model_path(str(cfg.logic.mask.sam_model))
+    problem = None if Path(name).expanduser().is_dir() else hub_problem("logic.mask.sam_model", name,
+                                                                        cfg.model.get("cache_dir") or None)
+    if problem:
+        raise InputError(problem)
+
+
+def hub_problem(key: str, name: str, cache_dir: str | None) -> str | None:
+    """Why the hub id `name` (config key `key`) cannot be loaded, found in a second: not a hub
+    id, or not cached while the hub is off (HF_HUB_OFFLINE) or cannot be reached."""
     from huggingface_hub import try_to_load_from_cache
 
-    cache_dir = cfg.model.cache_dir or None
     try:
         if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache_dir), str):
             return None
     except ValueError:   # not a valid repo id either
-        return f"model.name={name!r}: neither a local folder nor a hub id; point it at a checkpoint folder"
-    where = f"model.name={name!r} is not a local folder and not in the Hugging Face cache"
+        return f"{key}={name!r}: neither a local folder nor a hub id; point it at a checkpoint folder"
+    where = f"{key}={name!r} is not a local folder and not in the Hugging Face cache"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return f"{where}, and HF_HUB_OFFLINE is set; download it first or point model.name at a local folder"
+        return f"{where}, and HF_HUB_OFFLINE is set; download it first or point {key} at a local folder"
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
         socket.create_connection((host, port), timeout=3).close()
     except OSError as e:
         return (f"{where}, and {host}:{port} cannot be reached ({e.strerror or e}); download it where there is "
-                "a network, or point model.name at a local folder")
+                f"a network, or point {key} at a local folder")
+    return None
+
+
+def model_shape(cfg: DictConfig) -> tuple[int, int] | None:
+    """(layers L, heads H) of the text model, read from the checkpoint's config.json (a local folder
+    or the hub cache) without loading the model; None when it is not here or does not say."""
+    name = model_path(str(cfg.model.name))
+    path = Path(name) / "config.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name, "config.json", cache_dir=getattr(cfg.model, "cache_dir", None) or None)
+        except ValueError:
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.get("text_config") or raw.get("llm_config") or raw   # the original LLaVA format: top level
+        shape = (text.get("num_hidden_layers", raw.get("num_hidden_layers")),
+                 text.get("num_attention_heads", raw.get("num_attention_heads")))
+    except (OSError, ValueError, AttributeError):
+        return None   # a damaged config.json is reported when the model loads
+    return shape if all(_is_int(v) and v > 0 for v in shape) else None
+
+
+def heads_fit_problem(cfg: DictConfig, shape: tuple[int, int] | None, where: str) -> str | None:
+    """Why logic.heads names heads the model does not have, or None."""
+    heads, _ = fixed_heads(cfg.logic)
+    if not heads or shape is None:
+        return None
+    layers, num_heads = shape
+    outside = [[l, h] for l, h in heads if not (0 <= l < layers and 0 <= h < num_heads)]
+    if not outside:
+        return None
+    return (f"logic.heads: {outside} outside the model's {layers} layers × {num_heads} heads ({where}); "
+            f"give layer < {layers} and head < {num_heads}, or heads selected for this model")
+
+
+def check_heads_fit(cfg: DictConfig, out_dir: Path, rows: list) -> None:
+    """Before any row of a batch: logic.heads against the model's (L, H), from its config.json or,
+    when the model is not here, from the first saved attention file of the rows to redo."""
+    shape, where = model_shape(cfg), "its config.json"
+    if shape is None and fixed_heads(cfg.logic)[0]:
+        from localization_heads.collector import load_attention
+
+        for row in rows:
+            try:
+                attn = load_attention(out_dir / f"{row.id}.pkl")["attn"]   # [L, H, 1, V]
+            except InputError:
+                continue
+            shape, where = tuple(attn.shape[:2]), f"{row.id}.pkl"
+            break
+    problem = heads_fit_problem(cfg, shape, where)
+    if problem:
+        raise InputError(problem)
+
+
+def model_folder_problem(folder: Path) -> str | None:
+    """What a glance at a local checkpoint shows to be damaged, without loading it: config.json,
+    the weight files and their sizes. Anything subtler is found by loading (settings.load_adapter_from)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{folder}: no config.json; model.name must be a checkpoint folder or a hub id"
+    except (OSError, ValueError) as e:
+        return f"{folder / 'config.json'}: not readable JSON ({e}); the checkpoint is damaged: copy it again"
+    if not isinstance(config, dict):
+        return f"{folder / 'config.json'}: not a JSON object; the checkpoint is damaged: copy it again"
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not weights:
+        return f"{folder}: no weights file (*.safetensors or pytorch_model.bin); the copy is incomplete: copy the weights again"
+    for path in (p for p in weights if p.suffix == ".safetensors"):
+        problem = safetensors_problem(path)
+        if problem:
+            return f"{path}: {problem}; the file is damaged or its copy incomplete: copy it again"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is 8 bytes of header length, a JSON header whose data_offsets say where
+    each tensor ends, then the data: its size must be exactly what the header describes."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > size - 8:
+                return "its header is unreadable"
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "not a readable safetensors file"
+    if size != 8 + length + end:
+        return f"{size} bytes, but its header describes {8 + length + end}"
     return None
 
 
@@ -287,10 +401,21 @@ def check_config(cfg: DictConfig) -> None:
     written = output_folder(cfg)
     if written is not None:
         folder, key = written
-        problems.append(folder_problem(folder, stage in ("collect", "pipeline", "batch"), key))
+        # evaluate and report write beside the predictions they read: another data.pred_dir has none
+        advice = ("stage=evaluate and stage=report write beside the predictions: make the folder writable, or copy it "
+                  "(cp -a keeps the predictions current) and set data.pred_dir to the copy"
+                  if stage in ("evaluate", "report") else None)
+        problems.append(folder_problem(folder, stage in ("collect", "pipeline", "batch"), key, advice))
     # The model: here for the single-item stages; stage=batch checks it only if a row needs it.
     if not any(problems) and stage in ("collect", "pipeline"):
         problems.append(model_problem(cfg))
+    if not any(problems) and stage in ("pipeline", "visualize"):
+        try:
+            check_refiner(cfg)
+        except InputError as e:
+            problems.append(str(e))
+    if not any(problems) and stage in ("collect", "pipeline", "batch"):
+        problems.append(heads_fit_problem(cfg, model_shape(cfg), f"{model_path(str(cfg.model.name))}/config.json"))
     problems = [p for p in problems if p]
     if problems:
         raise _problems_error("config", problems)
@@ -313,19 +438,29 @@ def _row_problems(row: dict, required: tuple[str, ...]) -> list[str]:
                         "give one referring expression as a string (one row per expression)")
     if "image_path" in row and not (isinstance(row["image_path"], str) and row["image_path"].strip()):
         problems.append(f"image_path: {json.dumps(row['image_path'])[:60]} is not a path; give the image file as a string")
+    # The ground truth: optional for a batch (null = none), required by evaluate.
+    if "bbox" in row and (row["bbox"] is not None or "bbox" in required):
+        problem = box_problem(row["bbox"])
+        if problem:
+            problems.append(f"bbox: {problem}")
     return problems
 
 
-def jsonl_rows(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+def jsonl_rows(path: str | Path, required: tuple[str, ...],
+               extra: Callable[[str, dict], list[str]] | None = None) -> list[tuple[int, dict]]:
     """(line number, row) for every row of a JSONL file, or one InputError listing every problem
-    of the file (bad JSON, missing keys, wrong types, ids that cannot name files, duplicate ids)."""
+    of the file (not UTF-8, bad JSON, missing keys, wrong types, ids that cannot name files, bad
+    boxes, duplicate ids). Every stage that reads a JSONL reads it here. `extra(where, row)`: more
+    problems of a row, each a line starting with `where` ("<file>:<line>")."""
     rows, problems, seen = [], [], {}
     for lineno, row, problem in jsonl_objects(path):
         if problem:
             problems.append(problem)
             continue
-        found = _row_problems(row, required)
-        problems += [f"{path}:{lineno}: {p}" for p in found]
+        found = [f"{path}:{lineno}: {p}" for p in _row_problems(row, required)]
+        if not found and extra is not None:
+            found = extra(f"{path}:{lineno}", row)
+        problems += found
         if found:
             continue
         item_id = str(row["id"])

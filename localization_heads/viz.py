@@ -226,7 +226,8 @@ def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result
 
     details = [f"logic={logic}" if logic else None, f"τ (this sample's elbow) = {tau:.3f}" if tau is not None else None,
                f"heads: {heads_source}" if heads_source else None]
-    header = [f"“{meta.get('query', '')}”", " · ".join(d for d in details if d), _layout_note(layout)]
+    token = f" · attention of the query token “{meta['query_token']}”" if meta.get("query_token") is not None else ""
+    header = [f"“{meta.get('query', '')}”{token}", " · ".join(d for d in details if d), _layout_note(layout)]
     fig.suptitle("\n".join(_wrap(h, chars) for h in header if h), fontsize=FONT + 1)
     return fig
 

@@ -112,22 +112,24 @@ def test_evaluate_writes_json_and_per_row_csv(tiny_run):
 
 
 def test_evaluate_out_dir_and_plain_missing(tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "bbox": [0, 0, 4, 4]}])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "bbox": [0, 0, 4, 4]}, {"id": "b", "bbox": [0, 0, 4, 4]}])
     pred = tmp_path / "pred"
     pred.mkdir()
+    write_pred(pred, "b", [0, 0, 4, 4])
     s = evaluate(data, pred, out_dir=tmp_path / "scores")
-    assert s["status_counts"]["missing"] == 1 and s["miou"] == 0.0
+    assert s["status_counts"]["missing"] == 1 and s["miou"] == 0.5
     assert (tmp_path / "scores" / "evaluation.json").is_file()
     assert not (pred / "evaluation.json").exists()
 
 
 def test_unreadable_prediction_counts_as_failed(tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "bbox": [0, 0, 4, 4]}])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "bbox": [0, 0, 4, 4]}, {"id": "b", "bbox": [0, 0, 4, 4]}])
     pred = tmp_path / "pred"
     pred.mkdir()
     (pred / "a_bbox.json").write_text('{"bbox_xyxy": [0, 0,')
+    write_pred(pred, "b", [0, 0, 4, 4])
     s = evaluate(data, pred)
-    assert s["n"] == 1 and s["missing_ids"] == ["a"] and s["status_counts"]["failed"] == 1
+    assert s["n"] == 2 and s["missing_ids"] == ["a"] and s["status_counts"]["failed"] == 1
     assert "unreadable" in s["missing_reasons"]["a"]
 
 
@@ -147,14 +149,14 @@ def test_bad_ground_truth_bbox_names_file_line_and_key(tmp_path, bad):
                     + json.dumps({"id": "bad", "bbox": bad}).replace("Infinity", "1e999") + "\n")
     pred = tmp_path / "pred"
     pred.mkdir()
-    with pytest.raises(InputError, match=r"d\.jsonl:2: key 'bbox'"):
+    with pytest.raises(InputError, match=r"d\.jsonl:2: bbox: "):
         evaluate(data, pred)
 
 
 def test_duplicate_ids_are_refused(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "bbox": [0, 0, 1, 1]}] * 2)
     (tmp_path / "pred").mkdir()
-    with pytest.raises(InputError, match=r"d\.jsonl:2: key 'id'"):
+    with pytest.raises(InputError, match=r"d\.jsonl:2: id: duplicate id 'a'"):
         evaluate(data, tmp_path / "pred")
 
 
@@ -166,3 +168,12 @@ def test_format_table_is_fixed_width():
     assert lines[1].split() == ["val", "10834", "56.12", "48.30"]
     assert lines[2].split() == ["testA", "5657", "60.00", "-"]
     assert len({len(line) for line in lines}) == 1
+
+
+def test_nothing_to_score_is_an_input_error_not_a_zero(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "bbox": [0, 0, 4, 4]}, {"id": "b", "bbox": [0, 0, 4, 4]}])
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    with pytest.raises(InputError, match=r"2 of 2 predictions missing / stale \(missing 2\)"):
+        evaluate(data, pred)
+    assert not (pred / "evaluation.json").exists()

@@ -111,6 +111,7 @@ def test_without_segmentations_there_are_no_mask_scores(tmp_path):
     pred.mkdir()
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(row("a", None)) + "\n")
+    write_prediction(pred, "a", None)
     s = evaluate(data, pred)
     assert s["mask_n"] == 0 and s["ciou"] is None and s["mask_miou"] is None
     assert format_table([dict(s, split="d")]).splitlines()[0].split() == ["split", "n", "Acc@0.5", "mIoU"]
@@ -156,7 +157,9 @@ def test_a_stale_prediction_scores_an_empty_mask(tmp_path):
                                                   "query": "the old prompt"}))
     Image.fromarray(truth.astype(np.uint8) * 255, mode="L").save(pred / "a_mask.png")
     data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps(dict(row("a", truth), prompt="the new prompt", image_path="a.png")) + "\n")
+    write_prediction(pred, "b", None)   # a current prediction beside it: there is something to score
+    data.write_text(json.dumps(dict(row("a", truth), prompt="the new prompt", image_path="a.png")) + "\n"
+                    + json.dumps(row("b", None)) + "\n")
     s = evaluate(data, pred)
     assert s["status_counts"]["stale"] == 1
     assert s["mask_status_counts"]["stale"] == 1 and s["ciou"] == 0.0

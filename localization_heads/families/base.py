@@ -90,6 +90,11 @@ class Adapter:
                 inputs[key] = torch.cat([inputs[key], inputs[key].new_zeros(token_ids.shape[0], 1)], dim=1)
         return prepared.with_inputs(inputs)
 
+    def query_token_ids(self, prepared: Prepared) -> torch.Tensor:
+        """[B] id of each row's query token: its last token (left padding puts it at the end).
+        A family whose call carries embeddings instead of ids overrides this."""
+        return prepared.inputs["input_ids"][:, -1]
+
     def decode_generated(self, sequences: torch.Tensor, prepared: Prepared) -> list[str]:
         """Text of the new tokens; `sequences` is what model.generate returned."""
         prompt_len = prepared.inputs["input_ids"].shape[1] if "input_ids" in prepared.inputs else 0

@@ -256,6 +256,11 @@ class OriginalLlavaAdapter(Adapter):
             tail = tail[1:]
         return head, tail
 
+    def query_token_ids(self, prepared: Prepared) -> torch.Tensor:
+        """[B] the last text id of each prompt (the call carries embeddings, the image spliced in)."""
+        last = [(tail or head)[-1] for head, tail in map(self._prompt_ids, prepared.prompts)]
+        return torch.tensor(last)
+
     @torch.inference_mode()
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
         """[B, V, D] projected patch features (CLS dropped)."""
