@@ -11,6 +11,7 @@ from PIL import Image
 from localization_heads import cli as pipeline
 from localization_heads import settings, validate
 from localization_heads.collector import collect
+from localization_heads.config import Settings
 from localization_heads.shards import shard_gpus
 from tests.tiny_models import text_config
 
@@ -18,7 +19,7 @@ QUERIES = ["the red circle .", "a small blue square on the left ."]
 
 
 def load(*overrides: str):
-    return settings.load_adapter_from(pipeline.compose("model=toy", *overrides))
+    return settings.load_adapter_from(Settings.from_config(pipeline.compose("model=toy", *overrides)))
 
 
 def attention(adapter, images) -> list[torch.Tensor]:
