@@ -23,7 +23,6 @@ cells misplaced); the stage exits 0 when nothing is misplaced, 2 otherwise.
 """
 from __future__ import annotations
 
-import logging
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ from PIL import Image
 
 from localization_heads.families.base import Adapter, Prepared
 from localization_heads.layout import Layout, cell_boxes
-
-log = logging.getLogger(__name__)
 
 SQUARE = 0.4        # painted rectangle: this share of its target cell's width and height
 CHANGED = 0.02      # a token is hit when it moved by more than this share of its map's largest move

@@ -14,8 +14,9 @@ Stages pass files to each other under <data.output_dir>/<model>/:
 
 Exit codes (README "What the tool promises"): 0 every row succeeded; 3 some rows failed (the others
 finished, the failed ones are listed); 2 nothing ran (bad config or input, output folder busy or
-not writable; stage=check_layout: a view's tokens are misplaced); 130 interrupted (finished rows kept; rerun to resume); 1 Hydra could not parse the
-command line (before any of this code runs), or a crash (a bug: traceback).
+not writable), or stage=check_layout found misplaced tokens; 130 interrupted (finished rows kept; rerun
+to resume); 1 Hydra could not parse the command line (before any of this code runs), or a crash (a bug:
+traceback).
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from tests import tiny_models, tiny_qwen
 from tests.family_checks import coord_image, model_cfg
 
 SIZES = [(160, 120), (240, 80), (80, 200), (100, 100)]      # config's defaults / 5
+ELONGATED = [(240, 80), (80, 200)]                          # tiled or cropped in every tiled family
 
 
 def _next(out):
@@ -71,8 +72,8 @@ FAMILIES = {
     "idefics3": (lambda out: _idefics3(out, "idefics3"), {}),
     "smolvlm": (lambda out: _idefics3(out, "smolvlm"), {}),
 }
-# Families with two views of the same grid, whose tokens can be swapped.
-TILED = ("llava_onevision", "internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm")
+# Families whose images can have two views of the same grid (tiles, crops), whose tokens can be swapped.
+TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -84,9 +85,9 @@ def adapter(request, tmp_path_factory):
     return loaded
 
 
-def run_check(adapter) -> dict[tuple[int, int], list]:
+def run_check(adapter, sizes=SIZES) -> dict[tuple[int, int], list]:
     image = builtin_image()
-    return {size: check_image(adapter, image.resize(size), batch_size=4) for size in SIZES}
+    return {size: check_image(adapter, image.resize(size), batch_size=4) for size in sizes}
 
 
 def test_every_family_passes_in_every_view(adapter):
@@ -98,7 +99,7 @@ def test_every_family_passes_in_every_view(adapter):
             assert r.misplaced == 0, f"{size} {r.line()}"
             assert r.aimed >= 1 and r.hit >= r.aimed, f"{size} {r.line()}"
     if adapter.test_name in TILED:
-        assert any(len(results) > 1 for results in by_size.values()), "no size was tiled"
+        assert any(len(results) > 2 for results in by_size.values()), "no size was tiled"
 
 
 # ---------------------------------------------------------------- deliberately wrong layouts
@@ -126,14 +127,22 @@ def shifted(prepared: Prepared) -> Prepared:
     return Prepared(prepared.inputs, prepared.image_positions, layouts, prepared.prompts)
 
 
+def swappable(layout: Layout):
+    """The first two maps of equal grids in different views (two tiles, a crop and the whole image), or None."""
+    for i, a in enumerate(layout.maps):
+        for b in layout.maps[i + 1:]:
+            if a.grid == b.grid and view_name(a.name) != view_name(b.name):
+                return a, b
+    return None
+
+
 def swapped(prepared: Prepared) -> Prepared:
-    """The first two views of equal grids trade tokens (each view's box stays)."""
+    """Two views of equal grids trade tokens (each view's box stays)."""
     positions = []
     for pos, layout in zip(prepared.image_positions, prepared.layouts):
         pos = pos.clone()
-        pairs = [ms for ms in _grids(layout).values() if len(ms) > 1]
-        if pairs:
-            a, b = pairs[0][:2]
+        if swappable(layout):
+            a, b = swappable(layout)
             pos[a.start: a.start + a.size], pos[b.start: b.start + b.size] = \
                 pos[b.start: b.start + b.size].clone(), pos[a.start: a.start + a.size].clone()
         positions.append(pos)
@@ -142,24 +151,20 @@ def swapped(prepared: Prepared) -> Prepared:
 
 @pytest.mark.parametrize("broken", [transposed, shifted, swapped])
 def test_a_wrong_layout_is_caught(adapter, broken, monkeypatch):
-    """Transposed and shifted layouts are caught at every size; swapped tiles wherever the image is tiled."""
+    """Transposed and shifted layouts are caught at a wide and a tall size; swapped views wherever two
+    views have the same grid (both sizes, in every tiled family)."""
     if broken is swapped and adapter.test_name not in TILED:
-        pytest.skip("one view per image size: no tiles to swap")
+        pytest.skip("no image has two views of the same grid")
     prepare = adapter.prepare
     monkeypatch.setattr(adapter, "prepare", lambda images, queries: broken(prepare(images, queries)))
-    for size, results in run_check(adapter).items():
-        tiled = any(len(ms) > 1 for ms in _grids(prepare([builtin_image().resize(size)], ["a"]).layouts[0]).values())
-        if broken is swapped and not tiled:
+    checked = 0
+    for size, results in run_check(adapter, ELONGATED).items():
+        if broken is swapped and not swappable(prepare([builtin_image().resize(size)], ["a"]).layouts[0]):
             continue
+        checked += 1
         assert any(r.misplaced for r in results), f"{broken.__name__} layout passed at {size}: " + \
             "; ".join(r.line() for r in results)
-
-
-def _grids(layout: Layout) -> dict:
-    out = {}
-    for m in layout.maps:
-        out.setdefault(m.grid, []).append(m)
-    return out
+    assert checked
 
 
 # ---------------------------------------------------------------- the pieces
@@ -200,3 +205,39 @@ def test_the_vision_tower_is_local_only_inside_the_check(tmp_path):
         after = moved()
     assert calls and inside.nonzero().flatten().tolist() == [0]
     assert before.all() and torch.equal(before, after)
+
+
+# ---------------------------------------------------------------- the stage
+
+def _run(*overrides: str) -> int:
+    from localization_heads import cli
+
+    return cli.execute(cli.compose("stage=check_layout", "model=toy", *overrides))
+
+
+def test_the_stage_prints_one_line_per_view_and_exits_0(hf_checkpoint, tmp_path, capsys):
+    """The default sizes on the built-in image, then a user's image at its own size first."""
+    assert _run(f"model.name={hf_checkpoint}") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("check_layout ")]
+    assert [line.split()[1] for line in lines] == ["800x600", "1200x400", "400x1000", "500x500"]
+    assert all(line.split()[2] == "grid" and line.endswith(" ok") for line in lines)
+    image = tmp_path / "photo.png"
+    coord_image(300, 200).save(image)
+    assert _run(f"model.name={hf_checkpoint}", f"data.image_file={image}", "check_layout.sizes=[[90,60]]") == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("check_layout ")] == ["300x200", "90x60"]
+
+
+def test_the_stage_exits_2_when_the_layout_is_wrong(hf_checkpoint, monkeypatch, capsys):
+    from localization_heads.families.llava import HFLlavaAdapter
+
+    prepare = HFLlavaAdapter.prepare
+    monkeypatch.setattr(HFLlavaAdapter, "prepare", lambda self, images, queries: shifted(prepare(self, images, queries)))
+    assert _run(f"model.name={hf_checkpoint}", "check_layout.sizes=[[160,120]]") == 2
+    assert "MISPLACED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sizes", ["[[800]]", "[[0,10]]", "[]", "800"])
+def test_bad_sizes_are_refused_before_the_model_loads(sizes, caplog):
+    assert _run("model.name=/nonexistent", f"check_layout.sizes={sizes}") == 2
+    assert "check_layout.sizes" in caplog.text and "[width, height]" in caplog.text
