@@ -170,15 +170,15 @@ def stage_report(cfg: Settings) -> Path:
     return build_report(cfg)
 
 
-def stage_check_layout(cfg: DictConfig) -> dict:
+def stage_check_layout(cfg: Settings) -> dict:
     from localization_heads.check_layout import builtin_image, check_layout
 
     image = load_image(str(cfg.data.image_file)) if cfg.data.image_file else builtin_image()
-    sizes = [tuple(int(v) for v in size) for size in cfg.check_layout.sizes]
+    sizes = list(cfg.check_layout.sizes)
     if cfg.data.image_file and image.size not in sizes:
         sizes.insert(0, image.size)
     adapter = settings.load_adapter_from(cfg)
-    results = check_layout(adapter, image, sizes, int(cfg.check_layout.batch_size))
+    results = check_layout(adapter, image, sizes, cfg.check_layout.batch_size)
     misplaced = [r for r in results if r.misplaced]
     if misplaced:
         log.error("check_layout: %d cells misplaced in %d of %d views: the layout of %s does not match its tokens; "

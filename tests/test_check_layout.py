@@ -55,6 +55,14 @@ def _idefics3(out, family):
     return write_checkpoint(out, family)
 
 
+def _built_by(module: str, *args):
+    """The write_checkpoint(out, *args) of a family's test module, imported when used."""
+    def build(out):
+        import importlib
+        return importlib.import_module(module).write_checkpoint(out, *args)
+    return build
+
+
 PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 32}
 # name: (builder(folder) → checkpoint, model config overrides)
 FAMILIES = {
@@ -71,13 +79,22 @@ FAMILIES = {
     "paligemma2": (lambda out: _paligemma(out, "gemma2"), {}),
     "idefics3": (lambda out: _idefics3(out, "idefics3"), {}),
     "smolvlm": (lambda out: _idefics3(out, "smolvlm"), {}),
+    "internvl35": (_built_by("tests.test_family_internvl35"), {}),
+    "aya_vision": (_built_by("tests.test_family_aya_vision"), {}),
+    "glm4v": (_built_by("tests.test_family_glm4v", "glm4v"), {}),
+    "llama4": (_built_by("tests.test_family_llama4"), {}),
+    "lfm2_vl": (_built_by("tests.tiny_lfm2_vl"), {}),
 }
+# Their image processors exist only on the torchvision backend: checked in CI's torchvision environment.
+NEEDS_TORCHVISION = ("llama4", "lfm2_vl")
 # Families whose images can have two views of the same grid (tiles, crops), whose tokens can be swapped.
 TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def adapter(request, tmp_path_factory):
+    if request.param in NEEDS_TORCHVISION:
+        pytest.importorskip("torchvision")
     build, overrides = FAMILIES[request.param]
     checkpoint = build(tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}")
     loaded = load_adapter(model_cfg(checkpoint, **overrides))
@@ -154,7 +171,7 @@ def test_a_wrong_layout_is_caught(adapter, broken, monkeypatch):
     """Transposed and shifted layouts are caught at a wide and a tall size; swapped views wherever two
     views have the same grid (both sizes, in every tiled family)."""
     if broken is swapped and adapter.test_name not in TILED:
-        pytest.skip("no image has two views of the same grid")
+        pytest.skip("swapped views are checked on the families in TILED")
     prepare = adapter.prepare
     monkeypatch.setattr(adapter, "prepare", lambda images, queries: broken(prepare(images, queries)))
     checked = 0
