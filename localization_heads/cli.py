@@ -9,11 +9,14 @@ Stages pass files to each other under <data.output_dir>/<model>/:
   select     folder of <id>.pkl   → selected_heads.json, selected_heads_counts.csv (voting, k heads)
   evaluate   JSONL with bbox + folder of <id>_bbox.json → evaluation.json, evaluation_rows.csv
   report     the model's folder (+ JSONL) → report/index.html (metrics, heads, gallery)
+  check_layout  the model + data.image_file (or a built-in image) → one line per view: does the layout put
+             every image token on its pixels? (docs/check_layout.md; writes nothing)
 
 Exit codes (README "What the tool promises"): 0 every row succeeded; 3 some rows failed (the others
 finished, the failed ones are listed); 2 nothing ran (bad config or input, output folder busy or
-not writable); 130 interrupted (finished rows kept; rerun to resume); 1 Hydra could not parse the
-command line (before any of this code runs), or a crash (a bug: traceback).
+not writable), or stage=check_layout found misplaced tokens; 130 interrupted (finished rows kept; rerun
+to resume); 1 Hydra could not parse the command line (before any of this code runs), or a crash (a bug:
+traceback).
 """
 from __future__ import annotations
 
@@ -42,8 +45,9 @@ from localization_heads.settings import PACKAGE, collect_kwargs, collect_setting
 from localization_heads import validate
 
 log = logging.getLogger("pipeline")
-STAGES = ("collect", "analyze", "visualize", "pipeline", "batch", "select", "evaluate", "report")
+STAGES = ("collect", "analyze", "visualize", "pipeline", "batch", "select", "evaluate", "report", "check_layout")
 EXIT_OK, EXIT_CRASH, EXIT_NOT_RUN, EXIT_ROWS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_MISPLACED = 2   # stage=check_layout found tokens off their cells
 
 
 # ---------------------------------------------------------------- stages (cfg: config.Settings)
@@ -196,6 +200,26 @@ def stage_report(cfg: Settings) -> Path:
     return build_report(cfg)
 
 
+def stage_check_layout(cfg: Settings) -> dict:
+    from localization_heads.check_layout import builtin_image, check_layout
+
+    image = load_image(str(cfg.data.image_file)) if cfg.data.image_file else builtin_image()
+    sizes = list(cfg.check_layout.sizes)
+    if cfg.data.image_file and image.size not in sizes:
+        sizes.insert(0, image.size)
+    adapter = settings.load_adapter_from(cfg)
+    results = check_layout(adapter, image, sizes, cfg.check_layout.batch_size)
+    misplaced = [r for r in results if r.misplaced]
+    if misplaced:
+        log.error("check_layout: %d cells misplaced in %d of %d views: the layout of %s does not match its tokens; "
+                  "do not trust its maps or boxes", sum(r.misplaced for r in misplaced), len(misplaced), len(results),
+                  adapter.model_name)
+    else:
+        log.info("check_layout: every token of %d views over %d image sizes lies on its cell (within one cell)",
+                 len(results), len(sizes))
+    return {"views": len(results), "misplaced": sum(r.misplaced for r in results)}
+
+
 # ---------------------------------------------------------------- entrypoint
 
 def override(key: str, value: str) -> str:
@@ -231,7 +255,7 @@ def run(cfg: DictConfig):
         # copy's globals hold only the names it references.
         stages = {"collect": stage_collect, "analyze": stage_analyze, "visualize": stage_visualize,
                   "pipeline": stage_pipeline, "batch": stage_batch, "select": stage_select,
-                  "evaluate": stage_evaluate, "report": stage_report}
+                  "evaluate": stage_evaluate, "report": stage_report, "check_layout": stage_check_layout}
         return stages[stage](cfg)
 
 
@@ -258,6 +282,8 @@ def execute(cfg: DictConfig) -> int:
         return EXIT_INTERRUPTED
     if isinstance(result, dict) and result.get("failed"):
         return EXIT_ROWS_FAILED
+    if isinstance(result, dict) and result.get("misplaced"):
+        return EXIT_MISPLACED
     return EXIT_OK
 
 

@@ -186,6 +186,19 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class CheckLayoutSettings:
+    """check_layout.*: the image sizes stage=check_layout paints at (docs/check_layout.md)."""
+
+    sizes: tuple[tuple[int, int], ...] = ((800, 600), (1200, 400), (400, 1000), (500, 500))
+    batch_size: int = 4
+
+    @classmethod
+    def from_config(cls, node) -> "CheckLayoutSettings":
+        built = _build(cls, node)
+        return cls(tuple((int(w), int(h)) for w, h in built.sizes), int(built.batch_size))
+
+
+@dataclass(frozen=True)
 class Settings:
     """A whole run: `stage`, `model`, `logic`, `data` (cfg.hydra, Hydra's own, stays out)."""
 
@@ -193,13 +206,15 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     logic: LogicSettings = field(default_factory=LogicSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    check_layout: CheckLayoutSettings = field(default_factory=CheckLayoutSettings)
 
     @classmethod
     def from_config(cls, cfg) -> "Settings":
         """From the composed DictConfig (cli.compose, @hydra.main); validate.check_config has
         already checked it."""
         return cls(stage=str(cfg.stage), model=ModelSettings.from_config(cfg.model),
-                   logic=LogicSettings.from_config(cfg.logic), data=DataSettings.from_config(cfg.data))
+                   logic=LogicSettings.from_config(cfg.logic), data=DataSettings.from_config(cfg.data),
+                   check_layout=CheckLayoutSettings.from_config(cfg.get("check_layout")))
 
 
 _NESTED = {("LogicSettings", "threshold"): ThresholdSettings, ("LogicSettings", "entropy"): EntropySettings,

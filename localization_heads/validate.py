@@ -15,7 +15,7 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from localization_heads.families import FAMILIES
 from localization_heads.families.base import QUERY_AT
@@ -51,6 +51,7 @@ INTEGERS = {
     "logic.select.per_sample": 1, "data.batch_size": 1, "data.num_workers": 0, "data.start_index": 0,
     "model.device_id": 0, "model.max_new_tokens": 1, "model.num_beams": 1, "data.num_shards": 1, "data.shard": 0,
     "data.gpus_per_shard": 1,
+    "check_layout.batch_size": 1,
 }
 # Real-valued keys and their smallest allowed value.
 NUMBERS = {"logic.smoothing.sigma": 0.0, "logic.smoothing.truncate": 0.0, "logic.entropy.binarize_threshold": 0.0,
@@ -109,6 +110,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     end, start = value("data.end_index"), value("data.start_index")
     if end is not None and not (_is_int(end) and _is_int(start) and end >= start):
         problems.append(f"data.end_index={end!r}: must be null or an integer >= data.start_index ({start})")
+    problems += size_problems(value("check_layout.sizes"))
     try:
         heads, _ = fixed_heads(cfg.logic)
     except InputError as e:
@@ -182,12 +184,20 @@ def _device_problem(device, gpus: int, allowed: tuple[str, ...] = ("cpu", "disk"
     if device in allowed:
         return None
     return f"unknown device; use a GPU index or one of {', '.join(allowed)}"
+def size_problems(sizes) -> list[str]:
+    """check_layout.sizes: a list of [width, height] in pixels."""
+    if sizes is None:
+        return []
+    ok = isinstance(sizes, (list, ListConfig)) and len(sizes) > 0 and all(
+        isinstance(s, (list, ListConfig)) and len(s) == 2 and all(_is_int(v) and v >= 1 for v in s) for s in sizes)
+    return [] if ok else [f"check_layout.sizes={OmegaConf.to_container(sizes) if OmegaConf.is_config(sizes) else sizes!r}: "
+                          "give a list of [width, height] in pixels, e.g. [[800, 600], [1200, 400]]"]
 
 
 STAGE_INPUTS = {   # stage → keys it cannot run without
     "collect": ("data.image_file", "data.query"), "pipeline": ("data.image_file", "data.query"),
     "analyze": ("data.attention_file",), "visualize": ("data.attention_file",),
-    "batch": ("data.data_file",), "evaluate": ("data.data_file",), "select": (), "report": (),
+    "batch": ("data.data_file",), "evaluate": ("data.data_file",), "select": (), "report": (), "check_layout": (),
 }
 
 
@@ -407,7 +417,7 @@ def check_config(cfg: DictConfig) -> None:
                   if stage in ("evaluate", "report") else None)
         problems.append(folder_problem(folder, stage in ("collect", "pipeline", "batch"), key, advice))
     # The model: here for the single-item stages; stage=batch checks it only if a row needs it.
-    if not any(problems) and stage in ("collect", "pipeline"):
+    if not any(problems) and stage in ("collect", "pipeline", "check_layout"):
         problems.append(model_problem(cfg))
     if not any(problems) and stage in ("pipeline", "visualize"):
         try:

@@ -94,6 +94,19 @@ class Adapter:
         """[B] id of each row's query token: its last token (left padding puts it at the end).
         A family whose call carries embeddings instead of ids overrides this."""
         return prepared.inputs["input_ids"][:, -1]
+    def vision_token_mixers(self) -> list[torch.nn.Module]:
+        """The modules of the image path that mix patches; stage=check_layout zeroes their outputs so
+        that every image token depends on its own pixels only. Default: every attention module of the
+        model's vision encoder (get_encoder(modality="image")). A family whose image path mixes patches
+        otherwise (convolutions across patches, a resampler) or keeps its tower elsewhere overrides this."""
+        encoder = self.model.get_encoder(modality="image")
+        return [] if encoder is self.model else attention_modules(encoder)
+
+    def embedding_module(self) -> torch.nn.Module:
+        """The module whose forward receives the language model's input embeddings, image features
+        merged, as `inputs_embeds` (stage=check_layout reads the image tokens there). Default: the
+        model's decoder (get_decoder())."""
+        return self.model.get_decoder()
 
     def decode_generated(self, sequences: torch.Tensor, prepared: Prepared) -> list[str]:
         """Text of the new tokens; `sequences` is what model.generate returned."""
@@ -235,3 +248,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def token_positions(input_ids: torch.Tensor, token_id: int) -> list[torch.Tensor]:
     """Per row of [B, N] ids, the [V_b] positions holding `token_id`, in order."""
     return [row.eq(token_id).nonzero()[:, 0].cpu() for row in input_ids]
+
+
+def attention_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost modules under `root` whose class name ends in "Attention" (CLIPAttention,
+    SiglipAttention, Qwen2_5_VLVisionAttention, ...)."""
+    found, names = [], []
+    for name, module in root.named_modules():
+        if type(module).__name__.endswith("Attention") and not any(name.startswith(f"{n}.") for n in names):
+            found.append(module)
+            names.append(name)
+    return found

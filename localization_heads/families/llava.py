@@ -37,7 +37,8 @@ from transformers import (AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIP
 from transformers.utils import cached_file
 
 from localization_heads.dataio import InputError
-from localization_heads.families.base import Adapter, ImageTextAdapter, Prepared, input_device, place
+from localization_heads.families.base import (Adapter, ImageTextAdapter, Prepared, attention_modules, input_device,
+                                             place)
 from localization_heads.layout import Layout
 
 
@@ -246,6 +247,10 @@ class OriginalLlavaAdapter(Adapter):
         self.num_heads = llama_config.num_attention_heads
         side = self.vision_tower.config.image_size // self.vision_tower.config.patch_size
         self.grid = (side, side)
+
+    def vision_token_mixers(self) -> list[nn.Module]:
+        """The CLIP tower is loaded beside the language model, not inside it."""
+        return attention_modules(self.vision_tower)
 
     def _prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the image, as LLaVA's tokenizer_image_token makes them."""
