@@ -271,16 +271,17 @@ def model_problem(cfg) -> str | None:
     name = model_path(str(cfg.model.name))
     if Path(name).expanduser().is_dir():
         return model_folder_problem(Path(name).expanduser())
-    return hub_problem("model.name", name, cfg.model.get("cache_dir") or None)
+    return hub_problem("model.name", name, getattr(cfg.model, "cache_dir", None) or None)
 
 
-def check_refiner(cfg: DictConfig) -> None:
-    """Before loading SAM (logic.mask.refine=sam): its hub id, checked as the VLM's is."""
-    if str(OmegaConf.select(cfg, "logic.mask.refine", default="none")) != "sam":
+def check_refiner(cfg) -> None:
+    """Before loading SAM (logic.mask.refine=sam): its hub id, checked as the VLM's is (cfg:
+    config.Settings or the DictConfig)."""
+    if str(cfg.logic.mask.refine) != "sam":
         return
     name = model_path(str(cfg.logic.mask.sam_model))
     problem = None if Path(name).expanduser().is_dir() else hub_problem("logic.mask.sam_model", name,
-                                                                        cfg.model.get("cache_dir") or None)
+                                                                        getattr(cfg.model, "cache_dir", None) or None)
     if problem:
         raise InputError(problem)
 
