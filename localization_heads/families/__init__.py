@@ -27,6 +27,8 @@ FAMILIES = {
     "idefics3": "localization_heads.families.idefics3:Idefics3Adapter",
     "smolvlm": "localization_heads.families.idefics3:SmolVLMAdapter",
     "qwen_vl": "localization_heads.families.qwen_vl:QwenVLAdapter",
+    "gemma4": "localization_heads.families.gemma4:Gemma4Adapter",
+    "mistral3": "localization_heads.families.mistral3:Mistral3Adapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -41,6 +43,8 @@ MODEL_TYPES = {
     "qwen2_vl": "qwen_vl",
     "qwen2_5_vl": "qwen_vl",
     "qwen3_vl": "qwen_vl",
+    "gemma4": "gemma4",
+    "mistral3": "mistral3",
 }
 
 
