@@ -153,7 +153,9 @@ def test_the_adapter_feeds_what_the_stock_pixtral_processor_gives(checkpoint, pa
     theirs = stock(images=images(), text=prepared.prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert torch.equal(prepared.inputs["input_ids"], theirs["input_ids"])
     assert torch.equal(prepared.inputs["image_sizes"], theirs["image_sizes"])
-    torch.testing.assert_close(prepared.inputs["pixel_values"], theirs["pixel_values"], atol=1e-5, rtol=0)
+    # Same sizes; the two backends' bicubic resizes round a few pixels to the next 8-bit level.
+    one_level = 1.01 / 255 / min(stock.image_processor.image_std)
+    torch.testing.assert_close(prepared.inputs["pixel_values"], theirs["pixel_values"], atol=one_level, rtol=0)
 
 
 def test_real_checkpoint_config_has_every_model_key():
