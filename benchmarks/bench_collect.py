@@ -30,7 +30,7 @@ Profiles:   cpu      scaled-down LLaVA-1.5 (text 512 wide, 8 layers, 8 heads; sm
                      only like llava7b_cpu (vocabulary cut to ~1k: 14.4 GB of weights; needs ≥ 18 GB free RAM)
             qwen25vl_scaled_cpu  the same layers, heads, image and N with every width / 4 (~1 GB)
             gemma4_31b_scaled_cpu  Gemma 4 31B's layers, heads, attention kinds and image settings, widths / 8
-                     (vision / 4), the same 1,000 × 750 image and N = 1,000; memory only, bfloat16 (~1 GB)
+                     (vision / 4.5), the same 1,000 × 750 image and N = 1,000; memory only, bfloat16 (~1 GB)
             --quick  tiny shapes, a smoke test (about a minute); its numbers are not written anywhere
 
 Usage: python benchmarks/bench_collect.py [--profile NAME] [--quick] [--no-write] [--threads T]
@@ -112,7 +112,8 @@ QWEN25VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, nu
 QWEN_MEMORY_RUN = dict(seq_lens=(1000,), warmup=0, repeats=0, batch_rows=0, batch_repeats=0, batch_speedup_target=0.0,
                        analysis_samples=0, family="qwen2_5_vl", image=(1000, 750))
 
-# Gemma 4 31B (google/gemma-4-31B-it's config.json) with every width / 8 (text) or / 4 (vision): the real
+# Gemma 4 31B (google/gemma-4-31B-it's config.json) with every width / 8 (text) or / 4.5 (vision: its 2-D
+# rope needs a head size divisible by 4, 72 / 4.5 = 16): the real
 # 60 layers (50 sliding, window 1,024; 10 global), 32 heads (16 KV heads in sliding layers, 4 in global
 # layers whose keys are also the values), image tokens bidirectional in sliding layers, and the real
 # image settings (16 px patches, 3×3 pooling, ≤ 280 tokens) — so eager's [L, H, N, N] maps keep their
@@ -122,8 +123,8 @@ GEMMA4_31B_TEXT = dict(hidden_size=672, intermediate_size=2688, num_hidden_layer
                        attention_k_eq_v=True, sliding_window=1024, layer_types=None,
                        use_bidirectional_attention="vision", hidden_size_per_layer_input=0, num_kv_shared_layers=0,
                        final_logit_softcapping=30.0, max_position_embeddings=262144)
-GEMMA4_31B_VISION = dict(hidden_size=288, intermediate_size=1076, num_hidden_layers=27, num_attention_heads=16,
-                         num_key_value_heads=16, head_dim=18, patch_size=16, pooling_kernel_size=3,
+GEMMA4_31B_VISION = dict(hidden_size=256, intermediate_size=956, num_hidden_layers=27, num_attention_heads=16,
+                         num_key_value_heads=16, head_dim=16, patch_size=16, pooling_kernel_size=3,
                          position_embedding_size=10240, standardize=True)
 # One memory measurement with a 1,000 × 750 image (→ 912 × 672 px → 14 × 19 = 266 image tokens) at N = 1,000.
 GEMMA4_MEMORY_RUN = QWEN_MEMORY_RUN | dict(family="gemma4")

@@ -106,9 +106,11 @@ def test_every_cell_covers_the_pixels_its_token_is_made_of(checkpoint, size, gri
     resized_w, resized_h = [(int(v) + 1) * patch for v in positions[0].max(0).values]
     half_x, half_y = 0.5 * width / resized_w, 0.5 * height / resized_h          # half a resized pixel
     probe = torch.randn(features.shape[-1], generator=torch.Generator().manual_seed(0))
+    scores = features @ probe                                                    # [V]
+    (grads,) = torch.autograd.grad(scores, pixels, grad_outputs=torch.eye(scores.shape[0]),
+                                   is_grads_batched=True)                        # [V, 1, P, p·p·3]: one per token
     traced = np.zeros((features.shape[0], 4))
-    for t in range(features.shape[0]):
-        (grad,) = torch.autograd.grad(features[t] @ probe, pixels, retain_graph=True)
+    for t, grad in enumerate(grads):
         fed = colours[grad[0].abs().sum(-1) > 0]                                  # [k, y, x, RGB] of its patches
         xs, ys = fed[..., 0] * width, fed[..., 1] * height
         traced[t] = [xs.min() - half_x, ys.min() - half_y, xs.max() + half_x, ys.max() + half_y]
