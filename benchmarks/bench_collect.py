@@ -29,8 +29,8 @@ Profiles:   cpu      scaled-down LLaVA-1.5 (text 512 wide, 8 layers, 8 heads; sm
                      image (smart_resize → 27 × 36 = 972 image tokens), N = 1,000, bfloat16, memory
                      only like llava7b_cpu (vocabulary cut to ~1k: 14.4 GB of weights; needs ≥ 18 GB free RAM)
             qwen25vl_scaled_cpu  the same layers, heads, image and N with every width / 4 (~1 GB)
-            gemma4_31b_scaled_cpu  Gemma 4 31B's layers, heads, attention kinds and image settings, widths / 8
-                     (vision / 4.5), the same 1,000 × 750 image and N = 1,000; memory only, bfloat16 (~1 GB)
+            gemma4_31b_scaled_cpu  Gemma 4 31B's layers, heads, attention kinds and image settings, text widths
+                     / 16 (vision / 4.5), the same 1,000 × 750 image, N = 620; memory only, float32 (~0.3 GB)
             --quick  tiny shapes, a smoke test (about a minute); its numbers are not written anywhere
 
 Usage: python benchmarks/bench_collect.py [--profile NAME] [--quick] [--no-write] [--threads T]
@@ -112,22 +112,22 @@ QWEN25VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, nu
 QWEN_MEMORY_RUN = dict(seq_lens=(1000,), warmup=0, repeats=0, batch_rows=0, batch_repeats=0, batch_speedup_target=0.0,
                        analysis_samples=0, family="qwen2_5_vl", image=(1000, 750))
 
-# Gemma 4 31B (google/gemma-4-31B-it's config.json) with every width / 8 (text) or / 4.5 (vision: its 2-D
-# rope needs a head size divisible by 4, 72 / 4.5 = 16): the real
-# 60 layers (50 sliding, window 1,024; 10 global), 32 heads (16 KV heads in sliding layers, 4 in global
-# layers whose keys are also the values), image tokens bidirectional in sliding layers, and the real
-# image settings (16 px patches, 3×3 pooling, ≤ 280 tokens) — so eager's [L, H, N, N] maps keep their
-# real size while the weights shrink to ~1 GB. Built by tests/tiny_gemma4.py's config and processor.
-GEMMA4_31B_TEXT = dict(hidden_size=672, intermediate_size=2688, num_hidden_layers=60, num_attention_heads=32,
-                       num_key_value_heads=16, head_dim=32, global_head_dim=64, num_global_key_value_heads=4,
+# Gemma 4 31B (google/gemma-4-31B-it's config.json) with the text widths / 16 and the vision widths / 4.5 (its
+# 2-D rope needs a head size divisible by 4: 72 / 4.5 = 16): the real 60 layers (50 sliding, window 1,024;
+# 10 global), 32 heads (16 KV heads in sliding layers, 4 in global layers whose keys are also the values),
+# image tokens bidirectional in sliding layers, and the real image settings (16 px patches, 3×3 pooling,
+# ≤ 280 tokens) — so eager's [L, H, N, N] maps keep their real size while the weights shrink to ~0.3 GB.
+# float32: this CPU's bfloat16 matmul is ~25× slower than its float32 one (no native bf16).
+GEMMA4_31B_TEXT = dict(hidden_size=336, intermediate_size=1344, num_hidden_layers=60, num_attention_heads=32,
+                       num_key_value_heads=16, head_dim=16, global_head_dim=32, num_global_key_value_heads=4,
                        attention_k_eq_v=True, sliding_window=1024, layer_types=None,
                        use_bidirectional_attention="vision", hidden_size_per_layer_input=0, num_kv_shared_layers=0,
                        final_logit_softcapping=30.0, max_position_embeddings=262144)
 GEMMA4_31B_VISION = dict(hidden_size=256, intermediate_size=956, num_hidden_layers=27, num_attention_heads=16,
                          num_key_value_heads=16, head_dim=16, patch_size=16, pooling_kernel_size=3,
                          position_embedding_size=10240, standardize=True)
-# One memory measurement with a 1,000 × 750 image (→ 912 × 672 px → 14 × 19 = 266 image tokens) at N = 1,000.
-GEMMA4_MEMORY_RUN = QWEN_MEMORY_RUN | dict(family="gemma4")
+# One memory measurement with a 1,000 × 750 image (→ 912 × 672 px → 14 × 19 = 266 image tokens) at N = 620.
+GEMMA4_MEMORY_RUN = QWEN_MEMORY_RUN | dict(family="gemma4", seq_lens=(620,))
 
 PROFILES = {
     # Every width of LLaVA-1.5-7B's text model divided by 8 (vocab too, so the LM head keeps its
@@ -159,7 +159,7 @@ PROFILES = {
             "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}),
         QWEN25VL_7B_VISION | dict(hidden_size=320, intermediate_size=855, num_heads=4, out_hidden_size=896),
         "cpu", "bfloat16", memory_only=True, **QWEN_MEMORY_RUN),
-    "gemma4_31b_scaled_cpu": Profile("gemma4_31b_scaled_cpu", GEMMA4_31B_TEXT, GEMMA4_31B_VISION, "cpu", "bfloat16",
+    "gemma4_31b_scaled_cpu": Profile("gemma4_31b_scaled_cpu", GEMMA4_31B_TEXT, GEMMA4_31B_VISION, "cpu", "float32",
                                      memory_only=True, parallel_probes=1, **GEMMA4_MEMORY_RUN),
     # Smoke test: 112 px / patch 14 → 8×8 = 64 image tokens.
     "quick": Profile("quick", _text(64, 4, 4, 172, 512), _vision(32, 2, 4, 64, 112, 14, 32), "cpu", "float32",
