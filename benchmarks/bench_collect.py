@@ -29,12 +29,15 @@ Profiles:   cpu      scaled-down LLaVA-1.5 (text 512 wide, 8 layers, 8 heads; sm
                      image (smart_resize → 27 × 36 = 972 image tokens), N = 1,000, bfloat16, memory
                      only like llava7b_cpu (vocabulary cut to ~1k: 14.4 GB of weights; needs ≥ 18 GB free RAM)
             qwen25vl_scaled_cpu  the same layers, heads, image and N with every width / 4 (~1 GB)
+            qwen35_9b  Qwen3.5-9B's layers and heads (32 layers: 24 Gated-DeltaNet + 8 full attention,
+                     16 heads over 4 KV; 27-block ViT) with every width / 4, a 1,000 × 750 image (smart_resize
+                     → 23 × 31 = 713 image tokens), N = 1,000, bfloat16, memory only
             gemma4_31b_scaled_cpu  Gemma 4 31B's layers, heads, attention kinds and image settings, text widths
                      / 16 (vision / 4.5), the same 1,000 × 750 image, N = 620; memory only, float32 (~0.3 GB)
             --quick  tiny shapes, a smoke test (about a minute); its numbers are not written anywhere
 
 Usage: python benchmarks/bench_collect.py [--profile NAME] [--quick] [--no-write] [--threads T]
-The cpu, llava7b, llava7b_cpu, qwen25vl* and gemma4* runs append a dated section to benchmarks/RESULTS.md.
+The cpu, llava7b, llava7b_cpu, qwen25vl*, qwen35_9b and gemma4* runs append a dated section to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -62,6 +65,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from localization_heads.config import LogicSettings  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 MODES = ("plain", "capture", "eager")
@@ -128,6 +133,17 @@ GEMMA4_31B_VISION = dict(hidden_size=256, intermediate_size=956, num_hidden_laye
                          position_embedding_size=10240, standardize=True)
 # One memory measurement with a 1,000 × 750 image (→ 912 × 672 px → 14 × 19 = 266 image tokens) at N = 620.
 GEMMA4_MEMORY_RUN = QWEN_MEMORY_RUN | dict(family="gemma4", seq_lens=(620,))
+# Qwen3.5-9B (Qwen/Qwen3.5-9B's config.json) with every width / 4: head_dim 64 (256), linear-attention
+# heads 32 wide (128), vision head 72 as in 9B. Layer types are the config's default, 3 linear then 1 full.
+QWEN35_9B_SCALED_TEXT = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=32, num_attention_heads=16,
+                             num_key_value_heads=4, head_dim=64, linear_key_head_dim=32, linear_value_head_dim=32,
+                             linear_num_key_heads=16, linear_num_value_heads=32, linear_conv_kernel_dim=4,
+                             max_position_embeddings=262144, rms_norm_eps=1e-6,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                              "partial_rotary_factor": 0.25, "mrope_section": [3, 3, 2],
+                                              "mrope_interleaved": True})
+QWEN35_9B_SCALED_VISION = dict(depth=27, hidden_size=288, intermediate_size=1076, num_heads=4, out_hidden_size=1024,
+                               patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304)
 
 PROFILES = {
     # Every width of LLaVA-1.5-7B's text model divided by 8 (vocab too, so the LM head keeps its
@@ -161,6 +177,10 @@ PROFILES = {
         "cpu", "bfloat16", memory_only=True, **QWEN_MEMORY_RUN),
     "gemma4_31b_scaled_cpu": Profile("gemma4_31b_scaled_cpu", GEMMA4_31B_TEXT, GEMMA4_31B_VISION, "cpu", "float32",
                                      memory_only=True, parallel_probes=1, **GEMMA4_MEMORY_RUN),
+    # Qwen3.5-9B's layers, heads, image and N with every width / 4 (~0.6 GB): eager's maps of the 8
+    # full-attention layers keep their real size; the 24 linear-attention layers have none.
+    "qwen35_9b": Profile("qwen35_9b", QWEN35_9B_SCALED_TEXT, QWEN35_9B_SCALED_VISION, "cpu", "bfloat16",
+                         memory_only=True, **(QWEN_MEMORY_RUN | dict(family="qwen3_5"))),
     # Smoke test: 112 px / patch 14 → 8×8 = 64 image tokens.
     "quick": Profile("quick", _text(64, 4, 4, 172, 512), _vision(32, 2, 4, 64, 112, 14, 32), "cpu", "float32",
                      seq_lens=(96, 384), warmup=1, repeats=3, batch_rows=8, batch_repeats=1,
@@ -181,6 +201,14 @@ def build_processor(profile: Profile):
 
 # Qwen's own smart_resize range (Qwen2.5-VL's preprocessor_config.json), not the tests' tiny one.
 QWEN_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}
+# Qwen3-VL's and Qwen3.5's (16 px patches).
+QWEN3_SIZE = {"shortest_edge": 256 * 256, "longest_edge": 4096 * 4096}
+
+
+def qwen_size(family: str) -> dict:
+    from tests import tiny_qwen
+
+    return QWEN3_SIZE if family in tiny_qwen.QWEN3_TYPES else QWEN_SIZE
 
 
 def build_checkpoint(profile: Profile, out: Path) -> Path:
@@ -218,7 +246,7 @@ def build_checkpoint(profile: Profile, out: Path) -> Path:
     if profile.family == "llava":
         build_processor(profile).save_pretrained(out)
     else:
-        tiny_qwen.save_processor(out, profile.family, tokenizer, size=QWEN_SIZE)
+        tiny_qwen.save_processor(out, profile.family, tokenizer, size=qwen_size(profile.family))
     return out
 
 
@@ -536,7 +564,7 @@ def analysis_ms(samples: int) -> dict:
     tensors = [synthetic_attention(rng) for _ in range(samples)]
     result = {}
     for name in ("selection_v1", "paper"):
-        logic = OmegaConf.load(REPO / "localization_heads" / "conf" / "logic" / f"{name}.yaml")
+        logic = LogicSettings.from_config(OmegaConf.load(REPO / "localization_heads" / "conf" / "logic" / f"{name}.yaml"))
         for attn in tensors[:2]:
             analyze.analyze(attn, (24, 24), logic)
         times = []
@@ -633,7 +661,8 @@ def describe_shape(profile: Profile) -> str:
 
     width, height = profile.image
     factor = v["patch_size"] * v["spatial_merge_size"]
-    resized_h, resized_w = smart_resize(height, width, factor, QWEN_SIZE["shortest_edge"], QWEN_SIZE["longest_edge"])
+    size = qwen_size(profile.family)
+    resized_h, resized_w = smart_resize(height, width, factor, size["shortest_edge"], size["longest_edge"])
     return (f"{profile.family} text {t['hidden_size']} wide, {t['num_hidden_layers']} layers × "
             f"{t['num_attention_heads']} heads ({t['num_key_value_heads']} KV), MLP {t['intermediate_size']}, vocab "
             f"{t.get('vocab_size', 'of the benchmark tokenizer (~1k)')}; vision {v['hidden_size']} wide, {v['depth']} blocks × {v['num_heads']} heads; a "

@@ -31,7 +31,8 @@ from localization_heads.collector import load_attention
 from localization_heads.dataio import read_jsonl
 from localization_heads.evaluate import iou_xyxy
 from lab import toyworld
-from localization_heads.layout import Geometry
+from localization_heads.config import LogicSettings
+from localization_heads.layout import Layout
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "localization_heads" / "models" / "toy-llava"
 CALIB_SEED, TEST_SEED = 1001, 2002
@@ -150,7 +151,7 @@ def mean_size_fractions(rows: list[dict]) -> dict:
 
 def baselines(test_rows, pred_dir: Path, calib_rows, test_scenes: int, k: int, designated: set,
               threshold: str) -> dict:
-    paper = pipeline.compose("model=toy", "logic=paper", f"logic.mask.threshold={threshold}").logic
+    paper = LogicSettings.from_config(pipeline.compose("model=toy", "logic=paper", f"logic.mask.threshold={threshold}").logic)
     sizes = mean_size_fractions(calib_rows)
     masks = scene_masks(test_scenes, TEST_SEED)
     ious: dict[str, list[float]] = {"centre box (mean object size)": [], "whole image": [], "mean of all heads": [],
@@ -162,21 +163,20 @@ def baselines(test_rows, pred_dir: Path, calib_rows, test_scenes: int, k: int, d
         ious["centre box (mean object size)"].append(iou_xyxy([w * (1 - fw) / 2, h * (1 - fh) / 2, w * (1 + fw) / 2, h * (1 + fh) / 2], gt))
         ious["whole image"].append(iou_xyxy([0, 0, w, h], gt))
         record = load_attention(pred_dir / f"{row['id']}.pkl")
-        attn, meta = record["attn"], record["meta"]
+        attn, layout = record["attn"], Layout.from_meta(record["meta"])
         layers, heads = attn.shape[:2]
         all_heads = [(l, hh) for l in range(layers) for hh in range(heads)]
-        ious["mean of all heads"].append(_iou(bbox.localize(attn, meta, all_heads, paper), gt))
-        ranked = analysis.analyze(attn, tuple(meta["grid"]), paper)["ranked"][:k]
+        ious["mean of all heads"].append(_iou(bbox.localize(attn, layout, all_heads, paper), gt))
+        ranked = analysis.analyze(attn, layout.one_map.grid, paper)["ranked"][:k]
         ious[f"per-sample top-{k}, no selection"].append(
-            _iou(bbox.localize(attn, meta, [(r["layer"], r["head"]) for r in ranked], paper), gt))
+            _iou(bbox.localize(attn, layout, [(r["layer"], r["head"]) for r in ranked], paper), gt))
         for head in all_heads:
-            single.setdefault(head, []).append(_iou(bbox.localize(attn, meta, [head], paper), gt))
+            single.setdefault(head, []).append(_iou(bbox.localize(attn, layout, [head], paper), gt))
         scene = int(row["id"].split("_")[0][1:])
         oracle = toyworld.oracle_grid_map(masks[scene][row["target"]["index"]], w, h)
-        geometry = Geometry.from_dict(meta["geometry"])
         ious["oracle (GT mask on the grid)"].append(
             _iou(bbox.locate(bbox.smooth(oracle, float(paper.smoothing.sigma), str(paper.smoothing.mode),
-                                         float(paper.smoothing.truncate)), geometry, paper.mask), gt))
+                                         float(paper.smoothing.truncate)), layout, paper.mask), gt))
     result = {name: accuracy(v) for name, v in ious.items()}
     per_head = {f"L{l}H{hh}": accuracy(v)["acc@0.5"] for (l, hh), v in sorted(single.items())}
     free = {name: acc for name, acc in per_head.items()

@@ -241,6 +241,16 @@ def oracle_grid_map(obj_mask: np.ndarray, width: int, height: int, grid: tuple =
     return wy @ obj_mask.astype(np.float64) @ wx.T
 
 
+# A cell that is exactly half covered sums to 0.5 in exact arithmetic but, by the order the CPU's BLAS
+# adds in, to 0.49999999999999994 on some machines (AMD EPYC): "at least half" allows for that.
+COVER_TOL = 1e-9
+
+
+def half_covered(cov: np.ndarray) -> np.ndarray:
+    """[rows, cols] bool: the cells an oracle_grid_map covers at least half of (within COVER_TOL)."""
+    return cov >= 0.5 - COVER_TOL
+
+
 def cells_to_box(cells: np.ndarray, width: int, height: int) -> list:
     """Union box of the True cells of a [rows, cols] grid, mapped back to original pixels."""
     rows, cols = cells.shape
@@ -258,7 +268,7 @@ def cells_to_box(cells: np.ndarray, width: int, height: int) -> list:
 def oracle_box(obj_mask: np.ndarray, width: int, height: int, grid: tuple = GRID) -> list:
     """Box of the cells the object covers at least half of (the most covered cell if none)."""
     cov = oracle_grid_map(obj_mask, width, height, grid)
-    cells = cov >= 0.5
+    cells = half_covered(cov)
     if not cells.any():
         cells = cov >= cov.max()
     return cells_to_box(cells, width, height)

@@ -15,6 +15,9 @@ passes votes for none: the fallback is a per-sample answer, not evidence); the k
 are the model's localization heads. τ comes from S averaged over the set (scope=dataset, paper)
 or from each sample (scope=sample, reference code).
 
+Heads are named by MODEL layer index: row l of the L axis is model layer layers[l] (meta["layers"];
+hybrid models capture only their attention layers), and logic.filters.min_layer compares model indices.
+
 All arithmetic is float64 over all heads at once; one scipy labelling call covers every head.
 """
 from __future__ import annotations
@@ -34,6 +37,27 @@ ENTROPY_TIE_TOL = 1e-9
 # 8-connectivity inside each [rows, cols] slice, none across the head axis.
 _EIGHT_CONNECTED_PER_HEAD = np.zeros((3, 3, 3), dtype=bool)
 _EIGHT_CONNECTED_PER_HEAD[1] = True
+
+
+def model_layers(layers, num_rows: int) -> np.ndarray:
+    """[L] model index of each row of the L axis: `layers` (meta["layers"]) or, when None (a file
+    from before hybrid models, a dense model), 0..L−1."""
+    if layers is None:
+        return np.arange(num_rows)
+    layers = np.asarray(layers, dtype=np.int64)
+    if layers.shape != (num_rows,):
+        raise ValueError(f"meta['layers'] lists {layers.size} layers for an attention of {num_rows} rows")
+    return layers
+
+
+def head_row(layers, num_heads: int, layer: int, head: int) -> int:
+    """Flat index (row·H + head) of head (model layer, head) in head_maps' order; ValueError when
+    the layer has no attention (a hybrid model's other layers) or the head does not exist."""
+    rows = np.flatnonzero(np.asarray(layers) == layer)
+    if rows.size == 0 or not 0 <= head < num_heads:
+        raise ValueError(f"head ({layer}, {head}) is not in this model's attention layers {list(map(int, layers))} "
+                         f"× {num_heads} heads")
+    return int(rows[0]) * num_heads + head
 
 
 def head_maps(attn, grid: tuple[int, int]) -> np.ndarray:
@@ -101,28 +125,33 @@ def bottom_row_focus(maps: np.ndarray, threshold: float = 0.05) -> np.ndarray:
 
 @dataclass(frozen=True)
 class HeadTable:
-    """Per-head measurements of one sample, flat over layer·H + head."""
+    """Per-head measurements of one sample, flat over row·H + head (row l is model layer layers[l])."""
 
     num_heads: int
     attn_sum: np.ndarray          # [N]
     entropy: np.ndarray           # [N]
     n_components: np.ndarray      # [N]
     bottom_row: np.ndarray        # [N] bool
+    layers: np.ndarray | None = None   # [L] model layer index of each row; None: 0..L−1
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", model_layers(self.layers, self.attn_sum.size // self.num_heads))
 
     def record(self, index: int) -> dict:
         se = float(self.entropy[index])
-        return {"layer": index // self.num_heads, "head": index % self.num_heads,
+        return {"layer": int(self.layers[index // self.num_heads]), "head": index % self.num_heads,
                 "attn_sum": float(self.attn_sum[index]),
                 "spatial_entropy": se if math.isfinite(se) else None,   # strict JSON has no Infinity
                 "bottom_row_focus": bool(self.bottom_row[index]),
                 "n_components": int(self.n_components[index])}
 
 
-def measure_heads(attn, grid: tuple[int, int], logic) -> HeadTable:
+def measure_heads(attn, grid: tuple[int, int], logic, layers=None) -> HeadTable:
+    """layers: meta["layers"], the model index of each row of attn (None: 0..L−1)."""
     maps = head_maps(attn, grid)
     entropy, n_comp = spatial_entropy(maps, logic.entropy.method, float(logic.entropy.binarize_threshold))
     return HeadTable(attn.shape[1], maps.sum(axis=(1, 2)), entropy, n_comp,
-                     bottom_row_focus(maps, float(logic.filters.bottom_row_threshold)))
+                     bottom_row_focus(maps, float(logic.filters.bottom_row_threshold)), layers)
 
 
 def entropy_key(entropy: np.ndarray) -> np.ndarray:
@@ -137,7 +166,7 @@ def rank_heads(table: HeadTable, logic, tau: float | None = None) -> list[int]:
     τ: given (dataset scope) or the chord elbow of this sample's sums. May be empty."""
     tau = chord_elbow(table.attn_sum) if tau is None else tau
     index = np.arange(table.attn_sum.size)
-    keep = (table.attn_sum >= tau) & (index // table.num_heads >= int(logic.filters.min_layer)) \
+    keep = (table.attn_sum >= tau) & (table.layers[index // table.num_heads] >= int(logic.filters.min_layer)) \
         & np.isfinite(table.entropy)
     if logic.filters.bottom_row:
         keep &= ~table.bottom_row
@@ -158,11 +187,11 @@ def fallback_heads(table: HeadTable, logic, tau: float) -> list[int]:
     return [int(i) for i in by_sum if not skipped[i]][: int(logic.threshold.min_keep)]
 
 
-def analyze(attn, grid: tuple[int, int], logic) -> dict:
+def analyze(attn, grid: tuple[int, int], logic, layers=None) -> dict:
     """Per-sample analysis: {"tau", "ranked": [head records, best first], "fallback", "heads": all
     records}. "ranked" holds the heads passing the criteria and filters or, when none does
-    ("fallback": true), the fallback_heads."""
-    table = measure_heads(attn, grid, logic)
+    ("fallback": true), the fallback_heads. layers: meta["layers"] (None: 0..L−1)."""
+    table = measure_heads(attn, grid, logic, layers)
     tau = chord_elbow(table.attn_sum)
     ranked = rank_heads(table, logic, tau)
     fallback = not ranked
@@ -176,7 +205,9 @@ def select_heads(tables: list[HeadTable], logic) -> dict:
     """Dataset-level voting (method.md §4) over per-sample HeadTables of one model."""
     if not tables:
         raise ValueError("no samples to select heads from")
-    num_heads = tables[0].num_heads
+    num_heads, layers = tables[0].num_heads, tables[0].layers
+    if any(t.num_heads != num_heads or not np.array_equal(t.layers, layers) for t in tables):
+        raise ValueError("samples of different models (layers × heads) cannot be selected together")
     scope = str(logic.threshold.scope)
     if scope == "dataset":
         tau = chord_elbow(np.mean([t.attn_sum for t in tables], axis=0))
@@ -190,8 +221,9 @@ def select_heads(tables: list[HeadTable], logic) -> dict:
         votes.update(rank_heads(table, logic, tau)[:per_sample])
     # Most votes first; ties by smaller (layer, head) so the result is reproducible.
     ordered = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
-    counts = [{"layer": i // num_heads, "head": i % num_heads, "count": c, "frequency": c / len(tables)}
+    counts = [{"layer": int(layers[i // num_heads]), "head": i % num_heads, "count": c, "frequency": c / len(tables)}
               for i, c in ordered]
     k = int(logic.select.k)
     return {"k": k, "tau": tau, "tau_scope": scope, "n_samples": len(tables), "per_sample": per_sample,
-            "heads": [[c["layer"], c["head"]] for c in counts[:k]], "counts": counts}
+            "heads": [[c["layer"], c["head"]] for c in counts[:k]], "counts": counts,
+            "layers": [int(i) for i in layers], "num_heads": num_heads}

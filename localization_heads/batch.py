@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from omegaconf import DictConfig
 
+from localization_heads.config import Settings
 from localization_heads.collector import collect, load_attention, save_attention
 from localization_heads.dataio import InputError, atomic_write_text, file_stamps, resolve_path, safe_output_path
 from localization_heads.images import load_image
@@ -53,7 +53,7 @@ class Row:
     bbox: list | None = None   # the ground truth, drawn in <id>_top{K}.png and kept in <id>_bbox.json
 
 
-def select_rows(cfg: DictConfig) -> list[Row]:
+def select_rows(cfg: Settings) -> list[Row]:
     """The rows to run: all of the file (data.process_all) or [start_index, end_index), then those
     of this shard. The whole file is checked first, so a bad row anywhere stops the run before the
     model loads."""
@@ -76,10 +76,10 @@ def select_rows(cfg: DictConfig) -> list[Row]:
     return selected
 
 
-def run_batch(cfg: DictConfig) -> dict:
+def run_batch(cfg: Settings) -> dict:
     rows = select_rows(cfg)
     out_dir = model_dir(cfg)
-    figure = figure_suffix(cfg) if cfg.data.visualize_batch else None
+    figure = figure_suffix(cfg.logic) if cfg.data.visualize_batch else None
     failures: list[dict] = []
     with RowLocks(out_dir, [r.id for r in rows]) as locks:
         rebox, todo = plan(out_dir, rows, cfg, figure)
@@ -101,11 +101,11 @@ def run_batch(cfg: DictConfig) -> dict:
 
 # ---------------------------------------------------------------- resume
 
-def plan(out_dir: Path, rows: list[Row], cfg: DictConfig, figure: str | None) -> tuple[list[Row], list[Row]]:
+def plan(out_dir: Path, rows: list[Row], cfg: Settings, figure: str | None) -> tuple[list[Row], list[Row]]:
     """(rows to redo from their saved attention, rows to run through the model); the rest are complete."""
     if not cfg.data.resume:
         return [], list(rows)
-    collect_now, box_now = collect_settings(cfg), box_settings(cfg)
+    collect_now, box_now = collect_settings(cfg), box_settings(cfg.logic)
     rebox, todo, why = [], [], defaultdict(list)
     for row in rows:
         state, reason = row_state(out_dir, row, figure, collect_now, box_now)
@@ -169,7 +169,7 @@ def outputs_stale(out_dir: Path, row: Row, summary, figure: str | None, collect_
 
 # ---------------------------------------------------------------- the run
 
-def process(out_dir: Path, rebox: list[Row], todo: list[Row], cfg: DictConfig, figure: str | None,
+def process(out_dir: Path, rebox: list[Row], todo: list[Row], cfg: Settings, figure: str | None,
             failures: list[dict], written_ids: set[str], total: int) -> int:
     """Run `todo` through the model and write every row; returns the number written (their ids are
     added to `written_ids`). Saving, analysis, boxes and figures run on one writer thread while the
@@ -251,7 +251,7 @@ def decode(row: Row) -> tuple[Row, object, str | None]:
         return row, None, str(e)
 
 
-def collect_batch(adapter, batch: list, cfg: DictConfig) -> Iterator[tuple[Row, dict | str]]:
+def collect_batch(adapter, batch: list, cfg: Settings) -> Iterator[tuple[Row, dict | str]]:
     """(row, record) per good row, (row, error) per bad one. A failing batch is retried row by row
     so one bad row cannot take the others down."""
     good = []
@@ -286,7 +286,7 @@ def collect_batch(adapter, batch: list, cfg: DictConfig) -> Iterator[tuple[Row, 
             yield row, record
 
 
-def finish_row(out_dir: Path, row: Row, record: dict | None, cfg: DictConfig, dtype: torch.dtype, figure: bool,
+def finish_row(out_dir: Path, row: Row, record: dict | None, cfg: Settings, dtype: torch.dtype, figure: bool,
                refiner: refine.SamRefiner | None = None) -> None:
     """Save a fresh record (record=None: reuse the saved attention) and write the row's outputs."""
     if record is None:
@@ -300,7 +300,7 @@ def finish_row(out_dir: Path, row: Row, record: dict | None, cfg: DictConfig, dt
         # Boxes from the attention as saved, so a row redone from its file gets the same outputs.
         record["attn"] = record["attn"].to(dtype).float()
     view = analysis_record(record)   # multi-map layouts: the canvas, computed once for analysis and box
-    write_outputs(out_dir, row.id, view, run_analysis(view, cfg), cfg, figure=figure, refiner=refiner)
+    write_outputs(out_dir, row.id, view, run_analysis(view, cfg.logic), cfg.logic, figure=figure, refiner=refiner)
 
 
 def drain(pending: deque, failures: list[dict], written_ids: set[str], progress: Progress, keep: int) -> int:

@@ -1,9 +1,9 @@
 """From selected heads to a heat map, a mask and a box on the ORIGINAL image (method.md §5).
 
 1. M = Σ_heads GaussianSmooth(A_head, σ; boundary mode, truncate)    grid (rows, cols)
-2. M is resampled at every original pixel's centre through the recorded geometry (the grid spans
-   `grid_box`, e.g. the padded square), so padding never reaches the image and non-square images
-   are not stretched                                                   [H, W]
+2. M is resampled at every original pixel's centre through the recorded one-map layout (the grid
+   spans the map's `box`, e.g. the padded square), so padding never reaches the image and
+   non-square images are not stretched                                 [H, W]
 3. foreground = M > mean(M), the mean over image pixels the model saw (not padding, not cropped);
    or M > max(M)/2 with logic.mask.threshold=half_max
 4. "largest_hull" (paper): largest 8-connected region, filled to its convex hull;
@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from localization_heads.analyze import head_maps
-from localization_heads.layout import Geometry
+from localization_heads.analyze import head_maps, head_row, model_layers
+from localization_heads.layout import Layout
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 MASK_METHODS = ("largest_hull", "mean_relu")
@@ -33,14 +33,14 @@ def smooth(grid_map: np.ndarray, sigma: float, mode: str = "reflect", truncate: 
 
 
 def combine_heads(attn, grid: tuple[int, int], heads: list[tuple[int, int]], sigma: float, *,
-                  mode: str = "reflect", truncate: float = 4.0) -> np.ndarray:
-    """Sum of the smoothed maps of heads [(layer, head), ...] → grid (rows, cols), float64.
-    No heads → all zeros (a flat map: no mask, no box)."""
+                  mode: str = "reflect", truncate: float = 4.0, layers=None) -> np.ndarray:
+    """Sum of the smoothed maps of heads [(model layer, head), ...] → grid (rows, cols), float64.
+    layers: meta["layers"] (None: 0..L−1). No heads → all zeros (a flat map: no mask, no box)."""
     maps = head_maps(attn, grid)                                      # [L·H, rows, cols]
-    num_heads = attn.shape[1]
+    layers = model_layers(layers, attn.shape[0])
     combined = np.zeros(grid, dtype=np.float64)
     for layer, head in heads:
-        combined += smooth(maps[layer * num_heads + head], sigma, mode, truncate)
+        combined += smooth(maps[head_row(layers, attn.shape[1], layer, head)], sigma, mode, truncate)
     return combined
 
 
@@ -60,14 +60,14 @@ def _axis_weights(pixels: int, start: float, end: float, cells: int) -> tuple[np
     return weights, on_grid
 
 
-def grid_to_image(grid_map: np.ndarray, geometry: Geometry) -> np.ndarray:
+def grid_to_image(grid_map: np.ndarray, layout: Layout) -> np.ndarray:
     """Bilinear resample of a grid map at the centre of every original pixel → [H, W]; NaN where
     the model never saw the pixel (cropped away). Bilinear is separable, so it is two small matrix
     products (rows then columns) and the only full-size array is the result: a 10,000² image needs
     its 800 MB heat map, not a coordinate grid per axis besides."""
     rows, cols = grid_map.shape
-    width, height = geometry.image_size
-    x0, y0, x1, y1 = geometry.grid_box
+    width, height = layout.image_size
+    x0, y0, x1, y1 = layout.one_map.box
     wy, seen_y = _axis_weights(height, y0, y1, rows)                 # [H, rows]
     wx, seen_x = _axis_weights(width, x0, x1, cols)                  # [W, cols]
     heat = (wy @ np.asarray(grid_map, dtype=np.float64)) @ wx.T       # [H, W]
@@ -120,18 +120,19 @@ def box_from_mask(mask: np.ndarray) -> list[float] | None:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def locate(grid_map: np.ndarray, geometry: Geometry, mask_cfg) -> dict:
-    """Steps 2–5 for a combined grid map (rows, cols): {"grid_map", "heat", "mask", "bbox_xyxy"}.
-    mask_cfg: logic.mask (method, threshold)."""
-    heat = grid_to_image(grid_map, geometry)
-    mask = mask_from_heat(heat, str(mask_cfg.method), str(mask_cfg.get("threshold", "mean")))
+def locate(grid_map: np.ndarray, layout: Layout, mask_settings) -> dict:
+    """Steps 2–5 for a combined grid map (rows, cols) of a one-map layout: {"grid_map", "heat",
+    "mask", "bbox_xyxy"}. mask_settings: logic.mask (config.MaskSettings: method, threshold)."""
+    heat = grid_to_image(grid_map, layout)
+    mask = mask_from_heat(heat, mask_settings.method, mask_settings.threshold)
     return {"grid_map": grid_map, "heat": heat, "mask": mask, "bbox_xyxy": box_from_mask(mask)}
 
 
-def localize(attn, meta: dict, heads: list[tuple[int, int]], logic) -> dict:
-    """Heads [(layer, head), ...] of attn [L, H, 1, V] → heat map, mask and box (see locate)."""
-    geometry = Geometry.from_dict(meta["geometry"])
+def localize(attn, layout: Layout, heads: list[tuple[int, int]], logic, layers: list[int] | None = None) -> dict:
+    """Heads [(layer, head), ...] of attn [L, H, 1, V] over a one-map layout → heat map, mask and
+    box (see locate). logic: config.LogicSettings (smoothing, mask); layers: the model index of each
+    row of L (meta["layers"]; None: 0..L−1)."""
     smoothing = logic.smoothing
-    grid_map = combine_heads(attn, geometry.grid, heads, float(smoothing.sigma), mode=str(smoothing.mode),
-                             truncate=float(smoothing.truncate))
-    return locate(grid_map, geometry, logic.mask)
+    grid_map = combine_heads(attn, layout.one_map.grid, heads, smoothing.sigma, mode=smoothing.mode,
+                             truncate=smoothing.truncate, layers=layers)
+    return locate(grid_map, layout, logic.mask)

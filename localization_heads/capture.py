@@ -13,6 +13,8 @@ layer), so there is no process-global state: two models or threads never share a
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -24,31 +26,42 @@ CAPTURE_ATTN = "lh_capture"
 class AttentionCapture:
     """Rows recorded during one model call (or one generate): steps[s][layer] = [B, H, N_s].
 
-    Step 0 is the prefill (query = last prompt token); step 1 is the first decode step, whose query
-    is the first generated token. Steps past `max_steps` are not recorded (no cost, no memory).
+    `layers`: the model indices of the layers with softmax attention, ascending (hybrid models skip
+    their linear-attention or convolution layers; a dense model has 0..L−1). A forward call starts
+    at the first of them. Step 0 is the prefill (query = last prompt token); step 1 is the first
+    decode step, whose query is the first generated token. Steps past `max_steps` are not recorded
+    (no cost, no memory).
     """
 
-    def __init__(self, max_steps: int = 1):
+    def __init__(self, layers: Sequence[int], max_steps: int = 1):
+        self.expected = [int(i) for i in layers]
+        if not self.expected:
+            raise ValueError("AttentionCapture needs at least one attention layer")
         self.max_steps = max_steps
         self.steps: list[dict[int, torch.Tensor]] = []
         self._recording = True
 
     def record(self, layer_idx: int, row: torch.Tensor) -> None:
-        if layer_idx == 0:  # a new forward call starts at the first layer
+        if layer_idx == self.expected[0]:  # a new forward call starts at the first attention layer
             self._recording = len(self.steps) < self.max_steps
             if self._recording:
                 self.steps.append({})
-        if self._recording:
+        if self._recording and self.steps:
             self.steps[-1][layer_idx] = row
 
-    def layers(self, step: int, num_layers: int) -> torch.Tensor:
-        """[L, B, H, N] rows of one step; a missing layer is an error, never an empty result."""
+    def layers(self, step: int) -> torch.Tensor:
+        """[L, B, H, N] rows of one step, L = len(layers) in their order; a missing or an unexpected
+        layer is an error, never a silently shifted result."""
         got = self.steps[step] if step < len(self.steps) else {}
-        missing = [i for i in range(num_layers) if i not in got]
+        missing = [i for i in self.expected if i not in got]
         if missing:
             raise RuntimeError(f"attention capture missed layers {missing[:5]} of step {step}: the language model "
                                f"does not run attn_implementation={CAPTURE_ATTN!r} through transformers' AttentionInterface")
-        return torch.stack([got[i] for i in range(num_layers)])
+        extra = sorted(set(got) - set(self.expected))
+        if extra:
+            raise RuntimeError(f"attention capture saw layers {extra[:5]} that the adapter does not list as attention "
+                               f"layers {self.expected[:8]}...: its layer list is wrong for this model")
+        return torch.stack([got[i] for i in self.expected])
 
 
 def last_row_attention(query, key, attention_mask, scaling: float, softcap: float | None = None) -> torch.Tensor:

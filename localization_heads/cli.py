@@ -25,18 +25,19 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from localization_heads import analyze as analysis
+from localization_heads import refine
 from localization_heads.collector import collect, load_attention, save_attention
+from localization_heads.config import Settings
 from localization_heads.dataio import InputError, atomic_write_bytes, atomic_write_json, atomic_write_text, safe_output_path
 from localization_heads.images import load_image
 from localization_heads.layout import analysis_record
 from localization_heads.locks import RowLocks
-from localization_heads.outputs import describe_analysis, load_analysis, run_analysis, write_outputs
+from localization_heads.outputs import describe_analysis, load_analysis, run_analysis, select_over, write_outputs
 from localization_heads.progress import track
 from localization_heads import settings
-from localization_heads.settings import PACKAGE, attn_dtype, collect_settings, gen_kwargs, model_dir, row_source, source_change
+from localization_heads.settings import PACKAGE, attn_dtype, collect_kwargs, collect_settings, model_dir, row_source, source_change
 from localization_heads import validate
 
 log = logging.getLogger("pipeline")
@@ -44,18 +45,17 @@ STAGES = ("collect", "analyze", "visualize", "pipeline", "batch", "select", "eva
 EXIT_OK, EXIT_CRASH, EXIT_NOT_RUN, EXIT_ROWS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
-# ---------------------------------------------------------------- stages
+# ---------------------------------------------------------------- stages (cfg: config.Settings)
 
 def _stem(path: Path) -> str:
     return path.name[: -len(".pkl")] if path.name.endswith(".pkl") else path.stem
 
 
-def stage_collect(cfg: DictConfig) -> Path:
+def stage_collect(cfg: Settings) -> Path:
     image_file, item_id = str(cfg.data.image_file), str(cfg.data.id)
     image = load_image(image_file)
     adapter = settings.load_adapter_from(cfg)
-    record = collect(adapter, [image], [cfg.data.query], attn_capture=str(cfg.model.attn_capture),
-                     use_generate=bool(cfg.model.use_generate), gen_kwargs=gen_kwargs(cfg))[0]
+    record = collect(adapter, [image], [cfg.data.query], **collect_kwargs(cfg))[0]
     record["meta"].update(image_file=image_file, collect_settings=collect_settings(cfg),
                           source=row_source(item_id, cfg.data.query, image_file, Path(image_file)))
     path = safe_output_path(model_dir(cfg), item_id, ".pkl")
@@ -64,23 +64,23 @@ def stage_collect(cfg: DictConfig) -> Path:
     return path
 
 
-def _attention_file(cfg: DictConfig) -> Path:
+def _attention_file(cfg: Settings) -> Path:
     if not cfg.data.attention_file:
         raise InputError("data.attention_file is required for stage=analyze/visualize")
     return Path(str(cfg.data.attention_file))
 
 
-def stage_analyze(cfg: DictConfig, path: Path | None = None) -> dict:
+def stage_analyze(cfg: Settings, path: Path | None = None) -> dict:
     path = path or _attention_file(cfg)
     record = load_attention(path)
-    result = run_analysis(record, cfg)
+    result = run_analysis(record, cfg.logic)
     out = path.with_name(f"{_stem(path)}_analysis.pkl")
     atomic_write_bytes(out, pickle.dumps(result))
     log.info("%s → %s", describe_analysis(result), out)
     return result
 
 
-def stage_visualize(cfg: DictConfig, path: Path | None = None) -> dict:
+def stage_visualize(cfg: Settings, path: Path | None = None) -> dict:
     path = path or _attention_file(cfg)
     record = load_attention(path)
     if "image_file" not in record["meta"]:
@@ -94,48 +94,35 @@ def stage_visualize(cfg: DictConfig, path: Path | None = None) -> dict:
             raise InputError(f"{image_file}: {changed} since {path.name} was collected; collect it again")
     analysis_file = path.with_name(f"{_stem(path)}_analysis.pkl")
     record = analysis_record(record)   # multi-map layouts: the canvas, computed once for analysis and box
-    result = load_analysis(analysis_file) if analysis_file.is_file() else run_analysis(record, cfg)
-    summary = write_outputs(path.parent, _stem(path), record, result, cfg, figure=True)
+    result = load_analysis(analysis_file) if analysis_file.is_file() else run_analysis(record, cfg.logic)
+    summary = write_outputs(path.parent, _stem(path), record, result, cfg.logic, figure=True,
+                            refiner=refine.load_refiner(cfg))
     log.info("bbox %s from %s heads %s", summary["bbox_xyxy"], summary["heads_source"],
              [(h["layer"], h["head"]) for h in summary["selected_heads"]])
     return summary
 
 
-def stage_pipeline(cfg: DictConfig) -> dict:
+def stage_pipeline(cfg: Settings) -> dict:
     path = stage_collect(cfg)
     stage_analyze(cfg, path)
     return stage_visualize(cfg, path)
 
 
-def stage_select(cfg: DictConfig) -> dict:
+def stage_select(cfg: Settings) -> dict:
     folder = Path(str(cfg.data.attention_dir)) if cfg.data.attention_dir else model_dir(cfg)
     files = _voters(cfg, folder)
-    tables, models, held_out = [], set(), []
-    for p in track(files, "select"):
-        record = load_attention(p)
-        models.add(record["meta"].get("model_name"))
-        if record["meta"].get("split", "train") != "train":
-            held_out.append(f"{p.name} (split={record['meta']['split']})")
-        view = analysis_record(record)
-        tables.append(analysis.measure_heads(view["attn"], tuple(view["meta"]["grid"]), cfg.logic))
-    if len({(t.attn_sum.size, t.num_heads) for t in tables}) != 1:
-        raise InputError(f"{folder}: attention files of different model shapes; select one model at a time")
-    if held_out and not cfg.logic.select.allow_non_train:
-        raise InputError(f"{folder}: {len(held_out)} attention files come from non-train rows, e.g. {held_out[0]}; "
-                         "heads must be selected on training data (logic.select.allow_non_train=true to override)")
-    result = analysis.select_heads(tables, cfg.logic)
-    result.update(model=sorted(m for m in models if m), logic=OmegaConf.to_container(cfg.logic, resolve=True),
-                  attention_dir=str(folder), data_file=str(cfg.data.data_file) if cfg.data.data_file else None)
+    result = select_over(((p.name, load_attention(p)) for p in track(files, "select")), cfg.logic, str(folder))
+    result.update(attention_dir=str(folder), data_file=str(cfg.data.data_file) if cfg.data.data_file else None)
     atomic_write_json(folder / "selected_heads.json", result)
     rows = ["layer,head,count,frequency"] + [f"{c['layer']},{c['head']},{c['count']},{c['frequency']:.6f}"
                                              for c in result["counts"]]
     atomic_write_text(folder / "selected_heads_counts.csv", "\n".join(rows) + "\n")
-    log.info("selected heads %s from %d samples (tau=%s) → %s", result["heads"], len(tables),
+    log.info("selected heads %s from %d samples (tau=%s) → %s", result["heads"], result["n_samples"],
              result["tau"], folder / "selected_heads.json")
     return result
 
 
-def _voters(cfg: DictConfig, folder: Path) -> list[Path]:
+def _voters(cfg: Settings, folder: Path) -> list[Path]:
     """The attention files stage=select votes over: those of data.data_file's rows when it is
     given, else every <id>.pkl in the folder (single-image runs included); the log says which."""
     files = sorted(p for p in folder.glob("*.pkl") if not p.name.endswith("_analysis.pkl"))
@@ -158,7 +145,7 @@ def _voters(cfg: DictConfig, folder: Path) -> list[Path]:
     return files
 
 
-def stage_evaluate(cfg: DictConfig) -> dict:
+def stage_evaluate(cfg: Settings) -> dict:
     from localization_heads import evaluate
 
     pred_dir = Path(str(cfg.data.pred_dir)) if cfg.data.pred_dir else model_dir(cfg)
@@ -167,13 +154,13 @@ def stage_evaluate(cfg: DictConfig) -> dict:
     return summary
 
 
-def stage_batch(cfg: DictConfig) -> dict:
+def stage_batch(cfg: Settings) -> dict:
     from localization_heads.batch import run_batch
 
     return run_batch(cfg)
 
 
-def stage_report(cfg: DictConfig) -> Path:
+def stage_report(cfg: Settings) -> Path:
     from localization_heads.report import build_report
 
     return build_report(cfg)
@@ -201,11 +188,13 @@ def compose(*overrides: str) -> DictConfig:
 
 
 def run(cfg: DictConfig):
-    """Check everything that can be checked without the model (validate.py), then run the stage."""
+    """Check everything that can be checked without the model (validate.py), turn the config into
+    typed settings (config.Settings: the only place past which no DictConfig travels), run the stage."""
     stage = str(cfg.stage)
     if stage not in STAGES:
         raise InputError(f"stage={stage!r} is unknown; use one of {', '.join(STAGES)}")
     validate.check_config(cfg)
+    cfg = Settings.from_config(cfg)
     written = _row_written(cfg)
     with RowLocks(*written) if written else nullcontext():
         # A table, not globals(): a launcher (joblib, submitit) pickles `main` by value, and that
@@ -216,7 +205,7 @@ def run(cfg: DictConfig):
         return stages[stage](cfg)
 
 
-def _row_written(cfg: DictConfig) -> tuple[Path, list[str]] | None:
+def _row_written(cfg: Settings) -> tuple[Path, list[str]] | None:
     """(folder, [id]) of the one row a single-item stage writes; stage=batch locks its own rows."""
     stage = str(cfg.stage)
     if stage in ("collect", "pipeline"):

@@ -1,5 +1,10 @@
 """Collect the last text token's attention over the image tokens: [L, H, 1, V] per sample.
 
+L counts the language model's layers WITH softmax attention: every layer of a dense model, only the
+attention layers of a hybrid one (Qwen3.5's linear-attention and LFM2's convolution layers have no
+attention weights). meta["layers"] lists the model index of each row of L; files without it read as
+0..L−1. Heads are named by (model layer, head) everywhere downstream.
+
 Forward mode (default): one prefill; the query is the last prompt token (the end of the expression).
 Generate mode: `generate` with the configured decoding; the query is the FIRST GENERATED token,
 falling back to the prompt's row when nothing was generated.
@@ -28,7 +33,7 @@ from PIL import Image
 from localization_heads.capture import AttentionCapture
 from localization_heads.dataio import InputError, atomic_write_bytes
 from localization_heads.families.base import Adapter, Prepared
-from localization_heads.layout import Layout, legacy_keys
+from localization_heads.layout import Layout
 from localization_heads.families.llava import compute_geometry
 
 log = logging.getLogger(__name__)
@@ -43,8 +48,9 @@ def check_query(query) -> str:
 
 
 def _rows_from_eager(attentions, num_layers: int, batch: int) -> torch.Tensor:
-    """[L, B, H, N] last query rows out of `output_attentions`; never trust the flag (an empty
-    tuple under SDPA in transformers 5, None in 4.x, log-sum-exp under flex)."""
+    """[L, B, H, N] last query rows out of `output_attentions` (one map per attention layer: hybrid
+    models return none for their other layers); never trust the flag (an empty tuple under SDPA in
+    transformers 5, None in 4.x, log-sum-exp under flex)."""
     if not attentions or len(attentions) != num_layers or any(a is None or a.dim() != 4 for a in attentions):
         raise RuntimeError("output_attentions returned no attention maps; the text model must run eager "
                            "attention (model.attn_capture=eager loads it so)")
@@ -60,12 +66,13 @@ def capture_rows(adapter: Adapter, prepared: Prepared, *, attn_capture: str = "s
     inputs = adapter.call_inputs(prepared)
     batch = inputs["attention_mask"].shape[0]
     eager = attn_capture == "eager"
-    capture = AttentionCapture(max_steps=1)
+    layers = adapter.attention_layers
+    capture = AttentionCapture(layers, max_steps=1)
     # logits_to_keep=1: the [B, N, vocab] logits are never used and would be the largest tensor
     # of the pass after eager's maps.
     out = adapter.model(**inputs, output_attentions=eager, attention_capture=None if eager else capture,
                         use_cache=False, logits_to_keep=1)
-    rows = _rows_from_eager(out.attentions, adapter.num_layers, batch) if eager else capture.layers(0, adapter.num_layers)
+    rows = _rows_from_eager(out.attentions, len(layers), batch) if eager else capture.layers(0)
     return _checked(rows, adapter, batch)
 
 
@@ -87,9 +94,9 @@ def generate_then_capture(adapter: Adapter, prepared: Prepared, *, attn_capture:
 
 
 def _checked(rows: torch.Tensor, adapter: Adapter, batch: int) -> torch.Tensor:
-    if rows.shape[:3] != (adapter.num_layers, batch, adapter.num_heads) or rows.numel() == 0:
-        raise RuntimeError(f"captured rows have shape {tuple(rows.shape)}, expected "
-                           f"({adapter.num_layers}, {batch}, {adapter.num_heads}, N)")
+    expected = (len(adapter.attention_layers), batch, adapter.num_heads)
+    if rows.shape[:3] != expected or rows.numel() == 0:
+        raise RuntimeError(f"captured rows have shape {tuple(rows.shape)}, expected ({', '.join(map(str, expected))}, N)")
     if not torch.isfinite(rows).all():
         raise RuntimeError("captured attention has non-finite values")
     return rows
@@ -117,10 +124,10 @@ def collect(adapter: Adapter, images: list[Image.Image], queries: list[str], *, 
             "family": getattr(adapter, "family", None),
             "image_size": list(layout.image_size),
             "vis_len": int(positions.numel()),
-            "num_layers": adapter.num_layers,
+            "num_layers": len(adapter.attention_layers),     # the L axis
+            "layers": list(adapter.attention_layers),         # model index of each row of L
             "num_heads": adapter.num_heads,
             "layout": layout.to_dict(),
-            **legacy_keys(layout),
             "mode": "generate" if use_generate else "forward",
             "attn_capture": attn_capture,
             "model_dtype": str(adapter.dtype).removeprefix("torch."),
@@ -163,7 +170,9 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def load_attention(path: str | Path) -> dict:
-    """{"attn": float32 [L, H, 1, V], "meta": dict with grid and geometry}; InputError otherwise."""
+    """{"attn": float32 [L, H, 1, V], "meta": dict with its "layout"}; InputError otherwise. Files of
+    every earlier format load: a `geometry` meta (one grid, before layouts) and the reference code's
+    pickles (no geometry at all) get the layout they imply."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: attention file not found; check data.attention_file")
@@ -192,8 +201,9 @@ def load_attention(path: str | Path) -> dict:
 
 
 def _complete_meta(meta: dict, attn: torch.Tensor, path: Path) -> dict:
-    """Reference-code files carry no grid or geometry. LLaVA-1.5 (the only model that code runs)
-    has a square CLIP grid and pads to square, so that is assumed — and logged."""
+    """meta with its "layout" (Layout.from_meta reads the older `geometry` form). Reference-code
+    files carry no grid or geometry: LLaVA-1.5 (the only model that code runs) has a square CLIP
+    grid and pads to square, so that is assumed — and logged."""
     num_vis = attn.shape[-1]
     if "layout" not in meta and "geometry" not in meta:
         if "image_size" not in meta:
@@ -203,8 +213,7 @@ def _complete_meta(meta: dict, attn: torch.Tensor, path: Path) -> dict:
             raise InputError(f"{path}: meta has no 'grid' and V={num_vis} is not square; cannot place the map")
         grid = tuple(meta.get("grid") or (side, side))
         log.warning("%s: reference-format file; assuming grid %s over the image padded to square", path, grid)
-        meta["geometry"] = compute_geometry(tuple(meta["image_size"]), grid, pad=True).to_dict()
-        meta["grid"] = list(grid)
+        meta["layout"] = compute_geometry(tuple(meta["image_size"]), grid, pad=True).to_dict()
     try:
         layout = Layout.from_meta(meta)
     except (KeyError, TypeError, ValueError) as e:
@@ -213,5 +222,11 @@ def _complete_meta(meta: dict, attn: torch.Tensor, path: Path) -> dict:
         raise InputError(f"{path}: layout {[m.grid for m in layout.maps]} does not match V={num_vis} visual tokens")
     meta["layout"] = layout.to_dict()
     meta.setdefault("num_layers", attn.shape[0])
+    layers = meta.setdefault("layers", list(range(attn.shape[0])))   # files before hybrid models: every layer
+    if not (isinstance(layers, (list, tuple)) and len(layers) == attn.shape[0]
+            and all(isinstance(i, int) and i >= 0 for i in layers) and list(layers) == sorted(set(layers))):
+        raise InputError(f"{path}: meta['layers'] = {layers!r} must list {attn.shape[0]} ascending model layer "
+                         "indices, one per row of 'attn'; the file is damaged: collect it again")
+    meta["layers"] = list(layers)
     meta.setdefault("num_heads", attn.shape[1])
     return meta

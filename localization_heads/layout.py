@@ -23,7 +23,7 @@ Analysis needs one map per head. `analysis_view` gives it:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
@@ -64,6 +64,14 @@ class Layout:
     def num_tokens(self) -> int:
         return sum(m.size for m in self.maps)
 
+    @property
+    def one_map(self) -> TokenMap:
+        """The map of a one-map layout (what the criteria, the box step and the figures run on;
+        analysis_view makes one of any layout)."""
+        if len(self.maps) != 1:
+            raise ValueError(f"a layout of {len(self.maps)} maps has no single grid; use analysis_view")
+        return self.maps[0]
+
     @classmethod
     def single(cls, method: str, image_size: tuple[int, int], grid: tuple[int, int],
                box: tuple[float, float, float, float], name: str = "grid") -> "Layout":
@@ -91,8 +99,9 @@ class Layout:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Layout":
-        """The layout of an attention file's meta; files written before layouts existed carry one
-        grid and its `geometry` (grid_box) instead."""
+        """The layout of an attention file's meta. Files written before layouts existed carry one
+        grid and its `geometry` ({method, image_size, grid, grid_box}) instead: this is the one
+        place that old form is read."""
         if "layout" in meta:
             return cls.from_dict(meta["layout"])
         g = meta["geometry"]
@@ -163,44 +172,13 @@ def cell_boxes(token_map: TokenMap) -> np.ndarray:
     return np.stack([xs[c], ys[r], xs[c + 1], ys[r + 1]], axis=1)
 
 
-def legacy_keys(layout: Layout) -> dict:
-    """`grid` and `geometry` of a one-map layout, as attention files carried them before layouts
-    (the seed's schema); a multi-map layout has no single grid and gets none."""
-    if len(layout.maps) != 1:
-        return {}
-    m = layout.maps[0]
-    return {"grid": list(m.grid), "geometry": {"method": layout.method, "image_size": list(layout.image_size),
-                                               "grid": list(m.grid), "grid_box": list(m.box)}}
-
-
 def analysis_record(record: dict) -> dict:
-    """An attention record {"attn", "meta"} as the analysis sees it: one map, with `layout`, `grid`
-    and `geometry` of that map in its meta (analysis_view). One-map records, views included, come
-    back unchanged, so a caller may pass the view on and the callee's call costs nothing."""
+    """An attention record {"attn", "meta"} as the analysis sees it: one map, its `layout` in the
+    meta (analysis_view). One-map records, views included, come back unchanged, so a caller may pass
+    the view on and the callee's call costs nothing."""
     layout = Layout.from_meta(record["meta"])
     if len(layout.maps) == 1:
         return record
     attn, view = analysis_view(record["attn"], layout)
-    return {"attn": attn, "meta": dict(record["meta"], layout=view.to_dict(), **legacy_keys(view))}
+    return {"attn": attn, "meta": dict(record["meta"], layout=view.to_dict())}
 
-
-@dataclass(frozen=True)
-class Geometry:
-    """Recorded in every attention file's meta so a map can be put back on the image."""
-
-    method: str                                  # "pad", "crop", "resize" or combinations "pad+crop"
-    image_size: tuple[int, int]                  # original (W, H)
-    grid: tuple[int, int]                        # (rows, cols) of visual tokens
-    grid_box: tuple[float, float, float, float]  # original-pixel rectangle the grid spans
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    def layout(self) -> Layout:
-        """The one-map layout of this grid."""
-        return Layout.single(self.method, self.image_size, self.grid, self.grid_box)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Geometry":
-        return cls(d["method"], tuple(d["image_size"]), tuple(d["grid"]), tuple(float(v) for v in d["grid_box"]))

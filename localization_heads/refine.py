@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from PIL import Image
 
 from localization_heads import bbox
@@ -114,9 +113,10 @@ class SamRefiner:
         return masks[0][0, 0].numpy().astype(bool), float(out.iou_scores[0, 0, 0])
 
 
-def load_refiner(cfg: DictConfig) -> SamRefiner | None:
-    """The refiner logic.mask.refine asks for, loaded once (None for refine=none)."""
-    method = str(cfg.logic.mask.get("refine", "none"))
+def load_refiner(cfg) -> SamRefiner | None:
+    """The refiner logic.mask.refine asks for, loaded once (None for refine=none). cfg: config.Settings
+    (SAM runs on the run's device; its cache holds two forward batches' images)."""
+    method = str(cfg.logic.mask.refine)
     if method not in REFINERS:
         raise InputError(f"logic.mask.refine={method!r} is unknown; use one of {', '.join(REFINERS)}")
     if method == "none":
@@ -124,10 +124,10 @@ def load_refiner(cfg: DictConfig) -> SamRefiner | None:
     from localization_heads.families import resolve_device
     from localization_heads.settings import model_path, run_device
 
-    device = resolve_device(run_device(cfg), int(cfg.model.get("device_id", 0)))
+    device = resolve_device(run_device(cfg), int(cfg.model.device_id))
     # Room for the images of two forward batches: rows of one image often straddle a batch boundary.
-    capacity = max(32, 2 * int(cfg.data.get("batch_size", 1)))
-    return SamRefiner.load(model_path(str(cfg.logic.mask.sam_model)), device, cfg.model.get("cache_dir"), capacity)
+    capacity = max(32, 2 * int(cfg.data.batch_size))
+    return SamRefiner.load(model_path(str(cfg.logic.mask.sam_model)), device, cfg.model.cache_dir or None, capacity)
 
 
 def heat_peak(heat: np.ndarray) -> list[float]:
@@ -136,13 +136,13 @@ def heat_peak(heat: np.ndarray) -> list[float]:
     return [float(x) + 0.5, float(y) + 0.5]
 
 
-def refine(refiner: SamRefiner | None, loc: dict, meta: dict, mask_cfg) -> tuple[np.ndarray, dict | None]:
+def refine(refiner: SamRefiner | None, loc: dict, meta: dict, mask_settings) -> tuple[np.ndarray, dict | None]:
     """The mask to write as <id>_mask.png, and what refinement made it (None: the coarse mask, unrefined).
-    loc: bbox.localize's output (mask, heat, bbox_xyxy); meta: the attention file's (image_file);
-    mask_cfg: logic.mask."""
+    loc: bbox.localize's output (mask, heat, bbox_xyxy); meta: the attention file's (image_file: the
+    refiner's key for the image); mask_settings: logic.mask (config.MaskSettings: sam_point)."""
     if refiner is None:
         return loc["mask"], None
-    use_point = bool(mask_cfg.get("sam_point", False))
+    use_point = bool(mask_settings.sam_point)
     info = {"method": "sam", "model": refiner.name, "prompt": "box+point" if use_point else "box"}
     if loc["bbox_xyxy"] is None:   # the heads found nothing: no prompt, the (empty) coarse mask stays
         return loc["mask"], dict(info, point_xy=None, status="no_box", score=None, sam_bbox_xyxy=None)

@@ -5,7 +5,8 @@ What it shows:
   - metrics: n, Acc@0.25 / 0.5 / 0.75, mIoU over every row with a ground-truth box (failed and
     missing rows count as IoU 0, as in stage=evaluate), failures, and a 95 % bootstrap interval on
     Acc@0.5 (fixed seed);
-  - the L × H head-selection frequency heat map of the selected_heads.json the run used;
+  - the L × H head-selection frequency heat map of the selected_heads.json the run used (rows: the
+    layers with attention, labelled by model index: a hybrid model's other layers have no heads);
   - the τ elbow curve: the per-head image-attention sums (averaged over the run's analysis files),
     sorted, with the chord, its elbow and the selection's τ;
   - a gallery of overlays (image, combined heat map, predicted box, ground-truth box and IoU):
@@ -28,13 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
-from omegaconf import DictConfig
 
 from localization_heads import analyze
 from localization_heads import evaluate
@@ -44,7 +43,7 @@ from localization_heads.collector import load_attention
 from localization_heads.layout import analysis_record
 from localization_heads.images import load_image
 from localization_heads.dataio import InputError, atomic_write_bytes, atomic_write_text, read_jsonl, resolve_path
-from localization_heads.layout import Geometry
+from localization_heads.layout import Layout
 from localization_heads.outputs import load_analysis
 from localization_heads.progress import track
 from localization_heads.settings import model_dir
@@ -148,16 +147,22 @@ def metrics(rows: list[Row]) -> dict:
 
 # ---------------------------------------------------------------- figures
 
+def _axes(figsize) -> tuple[Figure, object]:
+    """A one-axes Figure on an Agg canvas, outside pyplot (no global state, notebooks untouched)."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()
 
 
-def find_selection(folder: Path, cfg: DictConfig, rows: list[Row]) -> Path | None:
+def find_selection(folder: Path, cfg, rows: list[Row]) -> Path | None:
     """The selected_heads.json of this folder, else the one the run's boxes were made with."""
-    candidates = [folder / "selected_heads.json", cfg.logic.get("heads")]
+    candidates = [folder / "selected_heads.json", cfg.logic.heads]
     candidates += [r.summary.get("settings", {}).get("logic", {}).get("heads") for r in rows[:1]]
     for c in candidates:
         if isinstance(c, (str, Path)) and Path(c).is_file():
@@ -173,8 +178,9 @@ def _analysis_sample(folder: Path) -> list[Path]:
     return files
 
 
-def head_sums(files: list[Path]) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """Mean per-head image-attention sums [L·H] over analysis files, and the model's (L, H)."""
+def head_sums(files: list[Path]) -> tuple[np.ndarray, tuple[tuple[int, ...], int]] | None:
+    """Mean per-head image-attention sums [L·H] over analysis files, and the model's (attention
+    layers as model indices, H)."""
     sums, shape = [], None
     for path in files:
         try:
@@ -182,7 +188,7 @@ def head_sums(files: list[Path]) -> tuple[np.ndarray, tuple[int, int]] | None:
         except InputError:
             continue
         heads = result["heads"]
-        file_shape = (max(h["layer"] for h in heads) + 1, max(h["head"] for h in heads) + 1)
+        file_shape = (tuple(sorted({h["layer"] for h in heads})), max(h["head"] for h in heads) + 1)
         if shape is None:
             shape = file_shape
         if file_shape != shape:
@@ -191,52 +197,72 @@ def head_sums(files: list[Path]) -> tuple[np.ndarray, tuple[int, int]] | None:
     return (np.mean(np.asarray(sums), axis=0), shape) if sums else None
 
 
-def heads_figure(selection: dict, shape: tuple[int, int] | None) -> bytes:
-    """L × H heat map of how often each head was voted for, the selected heads outlined."""
+def frequency_table(selection: dict, shape: tuple[tuple[int, ...], int] | None) -> tuple[tuple[int, ...], np.ndarray]:
+    """(attention layers as model indices, [L, H] selection frequency): one row per layer WITH attention.
+    The layers: the selection's own (selected_heads.json lists them), else `shape` (from the analysis
+    files), else 0..the largest voted layer (older selections of dense models)."""
     counts = selection.get("counts", [])
-    if shape is None:
-        shape = (max(c["layer"] for c in counts) + 1, max(c["head"] for c in counts) + 1)
-    freq = np.zeros(shape)
+    if selection.get("layers"):
+        shape = (tuple(selection["layers"]), int(selection["num_heads"]))
+    elif shape is None:
+        shape = (tuple(range(max(c["layer"] for c in counts) + 1)), max(c["head"] for c in counts) + 1)
+    layer_list, heads = shape
+    row = {layer: i for i, layer in enumerate(layer_list)}
+    freq = np.zeros((len(layer_list), heads))
     for c in counts:
-        if c["layer"] < shape[0] and c["head"] < shape[1]:
-            freq[c["layer"], c["head"]] = c["frequency"]
-    layers, heads = shape
-    fig, ax = plt.subplots(figsize=(min(12, max(5.5, 2.5 + 0.28 * heads)), min(10, max(3.5, 1.8 + 0.24 * layers))),
-                           layout="constrained")
+        if c["layer"] in row and c["head"] < heads:
+            freq[row[c["layer"]], c["head"]] = c["frequency"]
+    return tuple(layer_list), freq
+
+
+def heads_figure(selection: dict, shape: tuple[tuple[int, ...], int] | None) -> bytes:
+    """L × H heat map of how often each head was voted for, the selected heads outlined; rows are the
+    layers with attention (frequency_table), labelled by model index when some layers have none."""
+    layer_list, freq = frequency_table(selection, shape)
+    row = {layer: i for i, layer in enumerate(layer_list)}
+    layers, heads = freq.shape
+    fig, ax = _axes((min(12, max(5.5, 2.5 + 0.28 * heads)), min(10, max(3.5, 1.8 + 0.24 * layers))))
     shown = ax.imshow(freq, cmap="magma", vmin=0, vmax=max(1e-9, freq.max()), aspect="auto", interpolation="nearest")
     bar = fig.colorbar(shown, ax=ax)
     bar.set_label("selection frequency (votes / samples)")
     for layer, head in selection.get("heads", []):
-        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="#00e5ff", lw=2))
+        if layer in row:
+            ax.add_patch(Rectangle((head - 0.5, row[layer] - 0.5), 1, 1, fill=False, ec="#00e5ff", lw=2))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("head")
-    ax.set_ylabel("layer")
+    if layer_list == tuple(range(layers)):
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("layer")
+    else:   # a hybrid model: only its attention layers have heads; ticks name their model index
+        ax.set_yticks(range(layers), [str(i) for i in layer_list], fontsize=8 if layers > 24 else None)
+        ax.set_ylabel("layer (model index; attention layers only)")
     ax.set_title(f"{len(selection.get('heads', []))} heads selected (outlined)\nvotes of {selection.get('n_samples', '?')} "
                  "samples", fontsize=10)
     return _png(fig)
 
 
-def elbow_figure(mean_sums: np.ndarray, shape: tuple[int, int], n_files: int, selection: dict | None,
+def elbow_figure(mean_sums: np.ndarray, shape: tuple[tuple[int, ...], int], n_files: int, selection: dict | None,
                  chosen: list[tuple[int, int]]) -> bytes:
     """Sorted per-head attention sums with the chord, its elbow τ, and the selection's τ."""
     order = np.argsort(mean_sums, kind="stable")
     y = mean_sums[order]
     x = np.arange(y.size)
     tau = analyze.chord_elbow(mean_sums)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+    fig, ax = _axes((7.5, 4.2))
     ax.plot(x, y, ".-", color="#444444", ms=3, lw=1, label="heads, sorted")
     ax.plot([0, y.size - 1], [y[0], y[-1]], ":", color="#888888", label="chord")
     ax.axhline(tau, color="#d62728", lw=1.2, label=f"elbow τ = {tau:.3f}")
     if selection and selection.get("tau") is not None:
         ax.axhline(float(selection["tau"]), color="#1f77b4", lw=1.2, ls="--",
                    label=f"selection τ = {float(selection['tau']):.3f} ({selection.get('tau_scope', '?')})")
-    heads_per_layer = shape[1]
+    layer_list, heads_per_layer = shape
     rank = {int(flat): i for i, flat in enumerate(order)}
     for layer, head in chosen:
-        flat = layer * heads_per_layer + head
-        if flat in rank:
-            ax.plot(rank[flat], mean_sums[flat], "o", mfc="none", mec="#00a0c0", ms=9)
+        try:
+            flat = analyze.head_row(layer_list, heads_per_layer, layer, head)
+        except ValueError:      # a head of another model's selection
+            continue
+        ax.plot(rank[flat], mean_sums[flat], "o", mfc="none", mec="#00a0c0", ms=9)
     if chosen:
         ax.plot([], [], "o", mfc="none", mec="#00a0c0", label="selected heads")
     ax.set_xlabel("heads ranked by image-attention sum")
@@ -265,11 +291,11 @@ def thumbnail(row: Row, folder: Path, thumbs: Path) -> str | None:
     if heads and attn_file.is_file():
         try:
             view = analysis_record(load_attention(attn_file))    # multi-map layouts: their canvas
-            geometry = Geometry.from_dict(view["meta"]["geometry"])
-            grid_map = combine_heads(view["attn"], geometry.grid, heads, float(smoothing.get("sigma", 1.0)),
+            layout = Layout.from_meta(view["meta"])
+            grid_map = combine_heads(view["attn"], layout.one_map.grid, heads, float(smoothing.get("sigma", 1.0)),
                                      mode=str(smoothing.get("mode", "reflect")),
-                                     truncate=float(smoothing.get("truncate", 4.0)))
-            heat = grid_to_image(grid_map, geometry)
+                                     truncate=float(smoothing.get("truncate", 4.0)), layers=view["meta"].get("layers"))
+            heat = grid_to_image(grid_map, layout)
         except (InputError, KeyError, IndexError, ValueError):
             heat = None
     atomic_write_bytes(thumbs / name, viz.thumbnail_png(image, heat, row.pred, row.gt, THUMB_PX))
@@ -374,13 +400,13 @@ def _rows_csv(rows: list[Row]) -> str:
     return buf.getvalue()
 
 
-def build_report(cfg: DictConfig) -> Path:
-    """Write <folder>/report/index.html (+ figures, thumbnails, rows.csv); return its path."""
-    folder = Path(str(cfg.data.pred_dir)) if cfg.data.get("pred_dir") else model_dir(cfg)
+def build_report(cfg) -> Path:
+    """Write <folder>/report/index.html (+ figures, thumbnails, rows.csv); return its path. cfg: config.Settings."""
+    folder = Path(str(cfg.data.pred_dir)) if cfg.data.pred_dir else model_dir(cfg)
     if not folder.is_dir():
         raise InputError(f"{folder}: run folder not found; run stage=batch first or set data.pred_dir")
     out = folder / "report"
-    rows, source = collect_rows(folder, cfg.data.get("data_file"))
+    rows, source = collect_rows(folder, cfg.data.data_file)
     m = metrics(rows)
 
     figures, notes = [], []

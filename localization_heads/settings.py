@@ -1,13 +1,15 @@
-"""What a run's config means: where the model and its outputs live, what each output depends on
-(so resume can tell a current file from a stale one), the fixed heads, and the loaded adapter."""
+"""What a run's settings mean: where the model and its outputs live, what each output depends on
+(so resume can tell a current file from a stale one), the fixed heads, and the loaded adapter.
+`cfg` here is a config.Settings (or, for the checks in validate.py, the DictConfig it is built from:
+both read `cfg.model.name`, `cfg.data.output_dir`)."""
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from localization_heads.dataio import InputError
 from localization_heads.progress import quiet_library_bars
@@ -46,24 +48,25 @@ def sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
 
 
-def model_dir(cfg: DictConfig) -> Path:
+def model_dir(cfg) -> Path:
     return Path(cfg.data.output_dir) / sanitize(model_path(str(cfg.model.name)))
 
 
-def collect_settings(cfg: DictConfig) -> dict:
+def collect_settings(cfg) -> dict:
     """What an attention file depends on besides its image and query (kept in its meta)."""
     keys = ("family", "conv_mode", "query_at", "image_kwargs", "attn_capture", "use_generate", "max_new_tokens",
             "do_sample", "num_beams", "dtype")
-    model = OmegaConf.to_container(cfg.model, resolve=True)   # plain data: survives weights-only loading
+    model = cfg.model.to_dict()   # plain data: survives weights-only loading
     return {"model": model_path(str(cfg.model.name)), **{k: model.get(k) for k in keys},
             "attn_dtype": str(cfg.data.attn_dtype)}
 
 
-def box_settings(cfg: DictConfig) -> dict:
-    """What a box depends on besides the attention: the logic, with fixed heads resolved."""
-    heads, _ = fixed_heads(cfg.logic)
+def box_settings(logic) -> dict:
+    """What a box depends on besides the attention: the logic (config.LogicSettings), with fixed
+    heads resolved."""
+    heads = None if logic.fixed_heads is None else [list(p) for p in logic.fixed_heads]
     # As it reads back from <id>_bbox.json, so a rerun compares like with like.
-    return json.loads(json.dumps({"logic": OmegaConf.to_container(cfg.logic, resolve=True), "heads": heads}))
+    return json.loads(json.dumps({"logic": logic.to_dict(), "heads": heads}))
 
 
 def row_source(item_id: str, prompt, image_path: str, resolved: Path) -> dict:
@@ -91,40 +94,48 @@ def source_change(recorded: dict | None, now: dict) -> str | None:
     return None
 
 
-def gen_kwargs(cfg: DictConfig) -> dict:
+def gen_kwargs(cfg) -> dict:
     return {"max_new_tokens": int(cfg.model.max_new_tokens), "do_sample": bool(cfg.model.do_sample),
             "num_beams": int(cfg.model.num_beams)}
 
 
-def attn_dtype(cfg: DictConfig) -> torch.dtype:
+def collect_kwargs(cfg) -> dict:
+    """The keyword arguments of collector.collect that the model settings fix."""
+    return {"attn_capture": str(cfg.model.attn_capture), "use_generate": bool(cfg.model.use_generate),
+            "gen_kwargs": gen_kwargs(cfg)}
+
+
+def attn_dtype(cfg) -> torch.dtype:
     name = str(cfg.data.attn_dtype)
     if name not in ATTN_DTYPES:
         raise InputError(f"data.attn_dtype={name!r} is unknown; use float16 or float32")
     return ATTN_DTYPES[name]
 
 
-def run_device(cfg: DictConfig) -> str:
+def run_device(cfg) -> str:
     """model.device, or with data.device_per_shard the shard's own GPU (one machine, several GPUs):
     the device of every model the run loads (the VLM and SAM)."""
-    if cfg.data.get("device_per_shard"):
+    if cfg.data.device_per_shard:
         return shard_device(str(cfg.model.device), int(cfg.data.shard), torch.cuda.device_count())
     return str(cfg.model.device)
 
 
-def load_adapter_from(cfg: DictConfig):
+def load_adapter_from(cfg):
+    """The adapter of cfg.model (config.ModelSettings), on the run's device."""
     from localization_heads.families import load_adapter
 
     quiet_library_bars()
-    model_cfg = OmegaConf.merge(cfg.model, {"name": model_path(str(cfg.model.name)), "device": run_device(cfg)})
-    return load_adapter(model_cfg, str(cfg.model.attn_capture))
+    model = replace(cfg.model, name=model_path(str(cfg.model.name)), device=run_device(cfg))
+    return load_adapter(model, str(cfg.model.attn_capture))
 
 
-def fixed_heads(logic: DictConfig) -> tuple[list[tuple[int, int]] | None, str]:
-    """logic.heads: None (per-sample ranking), a selected_heads.json path, or [[layer, head], ...]."""
-    heads = logic.get("heads")
+def fixed_heads(logic) -> tuple[list[tuple[int, int]] | None, str]:
+    """logic.heads: None (per-sample ranking), a selected_heads.json path, or [[layer, head], ...].
+    Reads the file: config.LogicSettings calls this once per run and keeps the answer."""
+    heads = logic.heads
     if heads is None:
         return None, f"per-sample top-{int(logic.top_k)}"
-    if isinstance(heads, (list, ListConfig)):
+    if not isinstance(heads, str) and hasattr(heads, "__iter__"):
         pairs, source = list(heads), "logic.heads"
     else:
         path = bundled_path(str(heads))

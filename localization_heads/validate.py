@@ -178,21 +178,21 @@ class OutputRootCheck(Callback):
             sys.exit(2)
 
 
-def check_model(cfg: DictConfig) -> None:
-    """Call before loading the model: a hub id that is not cached and cannot be fetched fails now,
+def check_model(cfg) -> None:
+    """Call before loading the model (cfg: config.Settings or the DictConfig): a hub id that is not cached and cannot be fetched fails now,
     in a second, instead of after the hub client's retries (~30 s of warnings without a network)."""
     problem = model_problem(cfg)
     if problem:
         raise InputError(problem)
 
 
-def model_problem(cfg: DictConfig) -> str | None:
+def model_problem(cfg) -> str | None:
     name = model_path(str(cfg.model.name))
     if Path(name).expanduser().is_dir():
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    cache_dir = cfg.model.get("cache_dir") or None
+    cache_dir = cfg.model.cache_dir or None
     try:
         if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache_dir), str):
             return None

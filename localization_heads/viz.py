@@ -3,29 +3,30 @@ heat map, the mask, and each head's map raw on the grid and on the image), the r
 thumbnails, and the binary mask PNG.
 
 Every panel is drawn in original-image pixel coordinates, so the raw grid maps line up with the
-image panels: a grid map is placed on `grid_box` (the rectangle the grid spans, from the
-preprocessing geometry), the image outline is dashed on it, and padding (grid cells over no
+image panels: a grid map is placed on its map's `box` (the rectangle the grid spans, from the
+record's one-map layout), the image outline is dashed on it, and padding (grid cells over no
 image) is greyed out; with a centre crop the image panels mark the part the model saw.
+
+Figures are `matplotlib.figure.Figure` objects drawn by the Agg canvas: pyplot's global state and
+backend are never touched, so importing this module changes nothing in a notebook.
 """
 from __future__ import annotations
 
 import io
 import textwrap
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
+from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image, ImageDraw
 
-from localization_heads.analyze import head_maps
+from localization_heads.analyze import head_maps, head_row, model_layers
 from localization_heads.bbox import grid_to_image
 from localization_heads.evaluate import iou_xyxy
-from localization_heads.layout import Geometry
+from localization_heads.layout import Layout
 
 PRED, GT, VIEW = "#00e000", "#ff2a2a", "magenta"   # predicted box, ground-truth box, the model's view (crop)
 OUTLINE = "white"                                  # the image's outline on the raw grid maps
@@ -51,19 +52,19 @@ def _box(ax, box, color, label, style="-"):
 FIGURE_SIDE = 512   # longest side of the image drawn: a panel is ~256 px, and a 10,000² image took 12 GB
 
 
-def _bounded(image: Image.Image, geometry: Geometry, result: dict, gt):
-    """(image, geometry, result, gt box) scaled so that the image's longest side is at most
+def _bounded(image: Image.Image, layout: Layout, result: dict, gt):
+    """(image, layout, result, gt box) scaled so that the image's longest side is at most
     FIGURE_SIDE; boxes scale with it (IoU is unchanged: both boxes scale alike)."""
     scale = FIGURE_SIDE / max(image.size)
     if scale >= 1:
-        return image, geometry, result, gt
+        return image, layout, result, gt
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     sx, sy = size[0] / image.width, size[1] / image.height
 
     def scaled(box):
         return None if box is None else [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
 
-    small = Geometry(geometry.method, size, geometry.grid, tuple(scaled(geometry.grid_box)))
+    small = Layout.single(layout.method, size, layout.one_map.grid, scaled(layout.one_map.box))
     mask = np.asarray(Image.fromarray(result["mask"]).resize(size, Image.NEAREST))
     small_result = dict(result, heat=grid_to_image(result["grid_map"], small), mask=mask,
                         bbox_xyxy=scaled(result["bbox_xyxy"]))
@@ -93,24 +94,24 @@ def _entropy_text(se) -> str:
     return f"SE {max(float(se), 0.0):.2f}"   # entropy is ≥ 0; float rounding must not print "-0.00"
 
 
-def _padded(geometry: Geometry) -> bool:
+def _padded(layout: Layout) -> bool:
     """The grid spans more than the image (pad-to-square): some cells cover no image."""
-    x0, y0, x1, y1 = geometry.grid_box
-    width, height = geometry.image_size
+    x0, y0, x1, y1 = layout.one_map.box
+    width, height = layout.image_size
     return x0 < -0.5 or y0 < -0.5 or x1 > width + 0.5 or y1 > height + 0.5
 
 
-def _cropped(geometry: Geometry) -> bool:
+def _cropped(layout: Layout) -> bool:
     """The grid spans less than the image (centre crop): the model never saw some pixels."""
-    x0, y0, x1, y1 = geometry.grid_box
-    width, height = geometry.image_size
+    x0, y0, x1, y1 = layout.one_map.box
+    width, height = layout.image_size
     return x0 > 0.5 or y0 > 0.5 or x1 < width - 0.5 or y1 < height - 0.5
 
 
-def _padding_overlay(geometry: Geometry, samples: int = 256) -> np.ndarray:
-    """RGBA [samples, samples] over grid_box: grey where the grid covers no image (padding)."""
-    x0, y0, x1, y1 = geometry.grid_box
-    width, height = geometry.image_size
+def _padding_overlay(layout: Layout, samples: int = 256) -> np.ndarray:
+    """RGBA [samples, samples] over the map's box: grey where the grid covers no image (padding)."""
+    x0, y0, x1, y1 = layout.one_map.box
+    width, height = layout.image_size
     xs = x0 + (np.arange(samples) + 0.5) * (x1 - x0) / samples
     ys = y0 + (np.arange(samples) + 0.5) * (y1 - y0) / samples
     outside = ~(((ys >= 0) & (ys < height))[:, None] & ((xs >= 0) & (xs < width))[None, :])
@@ -119,35 +120,35 @@ def _padding_overlay(geometry: Geometry, samples: int = 256) -> np.ndarray:
     return rgba
 
 
-def _raw_map(fig, ax, grid_map: np.ndarray, geometry: Geometry, title: str):
-    """A head's raw grid map (rows, cols) placed on grid_box, with the image's outline and padding."""
-    x0, y0, x1, y1 = geometry.grid_box
-    width, height = geometry.image_size
+def _raw_map(fig, ax, grid_map: np.ndarray, layout: Layout, title: str):
+    """A head's raw grid map (rows, cols) placed on the map's box, with the image's outline and padding."""
+    x0, y0, x1, y1 = layout.one_map.box
+    width, height = layout.image_size
     _frame(ax, (min(0.0, x0), min(0.0, y0), max(float(width), x1), max(float(height), y1)))
     ax.set_facecolor("#d9d9d9")    # image pixels outside grid_box were cropped away: never seen
     shown = ax.imshow(grid_map, cmap="viridis", extent=(x0, x1, y1, y0), interpolation="nearest")
-    if _padded(geometry):
-        ax.imshow(_padding_overlay(geometry), extent=(x0, x1, y1, y0), interpolation="nearest")
+    if _padded(layout):
+        ax.imshow(_padding_overlay(layout), extent=(x0, x1, y1, y0), interpolation="nearest")
     ax.add_patch(Rectangle((0, 0), width, height, fill=False, lw=1.2, ls="--", ec=OUTLINE))
     ax.set_title(title, fontsize=FONT)
     _colorbar(fig, ax, shown, "attention")
 
 
-def _image_panel(ax, image: Image.Image, geometry: Geometry, title: str | None = None):
+def _image_panel(ax, image: Image.Image, layout: Layout, title: str | None = None):
     width, height = image.size
     ax.imshow(image, extent=(0, width, height, 0))
     _frame(ax, (0, 0, width, height))
-    if _cropped(geometry):   # mark what the model saw
-        _box(ax, geometry.grid_box, VIEW, "model's view (crop)", style=":")
+    if _cropped(layout):   # mark what the model saw
+        _box(ax, layout.one_map.box, VIEW, "model's view (crop)", style=":")
     if title:
         ax.set_title(title, fontsize=FONT)
 
 
-def _geometry_note(geometry: Geometry) -> str:
+def _layout_note(layout: Layout) -> str:
     parts = ["raw maps: grid cells drawn in image pixels, dashed = the image's outline"]
-    if _padded(geometry):
+    if _padded(layout):
         parts.append("grey = padding (grid cells over no image)")
-    if _cropped(geometry):
+    if _cropped(layout):
         parts.append("light grey = cropped away (the model never saw it; dotted on the image panels)")
     return "; ".join(parts)
 
@@ -164,24 +165,25 @@ def figure_png(image: Image.Image, attn, meta: dict, heads: list[dict], result: 
                        mask_label=mask_label)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
-    plt.close(fig)
     return buf.getvalue()
 
 
 def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result: dict, *,
                  logic: str | None = None, tau: float | None = None, heads_source: str | None = None,
-                 mask_label: str = "mask"):
-    """The figure of one item. Header: the query, the logic, τ and where the heads came from. Row 0: image with
+                 mask_label: str = "mask") -> Figure:
+    """The figure of one item (a Figure on an Agg canvas, outside pyplot). Header: the query, the logic, τ and where the heads came from. Row 0: image with
     the predicted box (and the ground truth, meta["gt_bbox"], with IoU), combined heat map, mask.
     Rows 1–2: each head's raw grid map and its map on the image. `heads`: analysis records
     (layer, head, spatial_entropy, attn_sum); `result`: bbox.localize's heat, mask, bbox_xyxy."""
-    image, geometry, result, gt = _bounded(image, Geometry.from_dict(meta["geometry"]), result,
-                                           as_box(meta.get("gt_bbox")))
-    maps = head_maps(attn, geometry.grid)                                    # [L·H, rows, cols]
-    num_heads = attn.shape[1]
+    image, layout, result, gt = _bounded(image, Layout.from_meta(meta), result, as_box(meta.get("gt_bbox")))
+    grid = layout.one_map.grid
+    maps = head_maps(attn, grid)                                             # [L·H, rows, cols]
+    layers = model_layers(meta.get("layers"), attn.shape[0])
     cols = max(3, len(heads))
     width_in = 3.9 * cols
-    fig, axes = plt.subplots(3, cols, figsize=(width_in, 11.6), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(width_in, 11.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     chars = int(width_in * 72 / (0.62 * (FONT + 1)))   # header characters per line (≈0.6 em per character)
@@ -189,7 +191,7 @@ def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result
     pred = result["bbox_xyxy"]
     top = axes[0]
     top[0].axis("on")
-    _image_panel(top[0], image, geometry, "prediction" + (" vs ground truth" if gt else ""))
+    _image_panel(top[0], image, layout, "prediction" + (" vs ground truth" if gt else ""))
     if pred is not None:
         _box(top[0], pred, PRED, "predicted box")
     if gt is not None:
@@ -201,7 +203,7 @@ def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result
     if pred is not None or gt is not None:   # below the panel, never over the boxes
         top[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2, fontsize=FONT - 1, frameon=False)
     top[1].axis("on")
-    _image_panel(top[1], image, geometry, f"combined map of {len(heads)} heads")
+    _image_panel(top[1], image, layout, f"combined map of {len(heads)} heads")
     shown = top[1].imshow(result["heat"], cmap=HEAT, alpha=0.5, extent=(0, image.width, image.height, 0))
     _colorbar(fig, top[1], shown, "summed smoothed attention")
     top[2].axis("on")
@@ -210,21 +212,21 @@ def build_figure(image: Image.Image, attn, meta: dict, heads: list[dict], result
     top[2].set_title(f"{mask_label} (white = foreground)", fontsize=FONT)
 
     for i, rec in enumerate(heads):
-        grid_map = maps[rec["layer"] * num_heads + rec["head"]]
-        title = f"L{rec['layer']} H{rec['head']} raw {geometry.grid[0]}×{geometry.grid[1]} grid\n" \
+        grid_map = maps[head_row(layers, attn.shape[1], rec["layer"], rec["head"])]
+        title = f"L{rec['layer']} H{rec['head']} raw {grid[0]}×{grid[1]} grid\n" \
                 f"{_entropy_text(rec.get('spatial_entropy'))}" + \
                 (f", S {rec['attn_sum']:.2f}" if rec.get("attn_sum") is not None else "")
         axes[1, i].axis("on")
-        _raw_map(fig, axes[1, i], grid_map, geometry, title)
+        _raw_map(fig, axes[1, i], grid_map, layout, title)
         axes[2, i].axis("on")
-        _image_panel(axes[2, i], image, geometry, f"L{rec['layer']} H{rec['head']} on the image")
-        shown = axes[2, i].imshow(grid_to_image(grid_map, geometry), cmap=HEAT, alpha=0.5,
+        _image_panel(axes[2, i], image, layout, f"L{rec['layer']} H{rec['head']} on the image")
+        shown = axes[2, i].imshow(grid_to_image(grid_map, layout), cmap=HEAT, alpha=0.5,
                                   extent=(0, image.width, image.height, 0))
         _colorbar(fig, axes[2, i], shown, "attention")
 
     details = [f"logic={logic}" if logic else None, f"τ (this sample's elbow) = {tau:.3f}" if tau is not None else None,
                f"heads: {heads_source}" if heads_source else None]
-    header = [f"“{meta.get('query', '')}”", " · ".join(d for d in details if d), _geometry_note(geometry)]
+    header = [f"“{meta.get('query', '')}”", " · ".join(d for d in details if d), _layout_note(layout)]
     fig.suptitle("\n".join(_wrap(h, chars) for h in header if h), fontsize=FONT + 1)
     return fig
 

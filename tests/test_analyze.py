@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from localization_heads.config import LogicSettings
 from localization_heads.analyze import (ENTROPY_TIE_TOL, HeadTable, analyze, bottom_row_focus, chord_elbow, fallback_heads,
                      measure_heads, rank_heads, select_heads, spatial_entropy)
 
@@ -22,7 +23,7 @@ def logic(name: str, **overrides):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
-    return cfg
+    return LogicSettings.from_config(cfg)
 
 
 # --- criterion 1: chord elbow --------------------------------------------------------------------

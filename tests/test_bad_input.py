@@ -492,17 +492,18 @@ def test_a_huge_image_is_drawn_small_in_bounded_memory():
 
     from localization_heads import bbox
     from localization_heads import viz
+    from localization_heads.config import LogicSettings
     from localization_heads.families.llava import compute_geometry
 
     image = Image.new("RGB", (2000, 1500), (40, 90, 40))
     geometry = compute_geometry(image.size, (14, 14), pad=True)
     attn = torch.rand(3, 4, 1, 196)
-    logic = pipeline.compose("logic=paper").logic
+    logic = LogicSettings.from_config(pipeline.compose("logic=paper").logic)
     loc = bbox.locate(bbox.combine_heads(attn, (14, 14), [(1, 1)], 1.0), geometry, logic.mask)
     heads = [{"layer": 1, "head": 1, "spatial_entropy": 0.5}]
     tracemalloc.start()
     try:
-        png = viz.figure_png(image, attn, {"geometry": geometry.to_dict(), "query": "x"}, heads, loc)
+        png = viz.figure_png(image, attn, {"layout": geometry.to_dict(), "query": "x"}, heads, loc)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

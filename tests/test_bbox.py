@@ -1,5 +1,5 @@
 """bbox.py as a specification (method.md §5): heads → map → mask at image resolution → box on the
-ORIGINAL image, through the recorded preprocessing geometry (pad or crop), never stretched."""
+ORIGINAL image, through the recorded one-map layout (pad or crop), never stretched."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from localization_heads.bbox import box_from_mask, combine_heads, localize, mask_from_heat, smooth
 from localization_heads.evaluate import iou_xyxy
+from localization_heads.config import LogicSettings
 from localization_heads.families.llava import compute_geometry
 
 CONF = Path(__file__).resolve().parents[1] / "localization_heads" / "conf" / "logic"
@@ -21,11 +22,12 @@ L, H = 2, 2
 HEAD = (1, 0)
 
 
-def logic(name="paper", **overrides):
+def logic(name="paper", **overrides) -> LogicSettings:
+    """conf/logic/<name>.yaml with `overrides` (dotted keys), as the settings the method takes."""
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
-    return cfg
+    return LogicSettings.from_config(cfg)
 
 
 def attention(*blobs, head=HEAD, background=1e-3):
@@ -38,14 +40,11 @@ def attention(*blobs, head=HEAD, background=1e-3):
     return torch.tensor(maps.reshape(L, H, 1, -1), dtype=torch.float32)
 
 
-def meta_for(geometry):
-    return {"geometry": geometry.to_dict(), "grid": list(geometry.grid), "image_size": list(geometry.image_size)}
-
-
-def cells_rect(geometry, r0, r1, c0, c1):
-    """Original-pixel rectangle of grid cells rows r0..r1−1 × cols c0..c1−1 (by the grid box)."""
-    x0, y0, x1, y1 = geometry.grid_box
-    cw, ch = (x1 - x0) / geometry.grid[1], (y1 - y0) / geometry.grid[0]
+def cells_rect(layout, r0, r1, c0, c1):
+    """Original-pixel rectangle of grid cells rows r0..r1−1 × cols c0..c1−1 (by the map's box)."""
+    x0, y0, x1, y1 = layout.one_map.box
+    rows, cols = layout.one_map.grid
+    cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
     return [x0 + c0 * cw, y0 + r0 * ch, x0 + c1 * cw, y0 + r1 * ch]
 
 
@@ -54,8 +53,8 @@ CROP = compute_geometry(IMAGE, GRID, pad=False, shortest_edge=336, crop_size=(33
 
 
 def test_geometries_used_here():
-    assert PAD.grid_box == (0.0, -50.0, 300.0, 250.0)
-    assert CROP.grid_box == pytest.approx((50.0, 0.0, 250.0, 200.0))
+    assert PAD.one_map.box == (0.0, -50.0, 300.0, 250.0)
+    assert CROP.one_map.box == pytest.approx((50.0, 0.0, 250.0, 200.0))
 
 
 # --- end to end: the box lands on the right original pixels ------------------------------------
@@ -72,7 +71,7 @@ def test_box_lands_on_the_planted_cells(geometry, cells, expected, mask_method):
     for pad and crop geometry. σ = 0 isolates the geometry from the smoothing."""
     assert cells_rect(geometry, *cells) == pytest.approx(expected)
     attn = attention((*cells, 1.0))
-    out = localize(attn, meta_for(geometry), [HEAD], logic(**{"smoothing.sigma": 0.0, "mask.method": mask_method}))
+    out = localize(attn, geometry, [HEAD], logic(**{"smoothing.sigma": 0.0, "mask.method": mask_method}))
     assert out["grid_map"].shape == GRID
     assert out["mask"].shape == out["heat"].shape == (IMAGE[1], IMAGE[0])     # (H, W)
     assert out["mask"].dtype == bool
@@ -91,14 +90,14 @@ def test_stretching_the_grid_over_the_image_would_miss():
     cfg = logic(**{"smoothing.sigma": 0.0})
     truth = cells_rect(PAD, 2, 6, 3, 8)
     assert truth == [75.0, 0.0, 200.0, 100.0]
-    right = localize(attn, meta_for(PAD), [HEAD], cfg)["bbox_xyxy"]
-    wrong = localize(attn, meta_for(stretched), [HEAD], cfg)["bbox_xyxy"]
+    right = localize(attn, PAD, [HEAD], cfg)["bbox_xyxy"]
+    wrong = localize(attn, stretched, [HEAD], cfg)["bbox_xyxy"]
     assert iou_xyxy(right, truth) >= 0.7 > iou_xyxy(wrong, truth), (right, wrong)
 
 
 def test_smoothing_keeps_the_box_centred_on_the_cells():
     """With the paper's σ = 1 the box grows but stays centred on the planted cells."""
-    out = localize(attention((4, 8, 3, 8, 1.0)), meta_for(PAD), [HEAD], logic())
+    out = localize(attention((4, 8, 3, 8, 1.0)), PAD, [HEAD], logic())
     bx0, by0, bx1, by1 = out["bbox_xyxy"]
     assert abs((bx0 + bx1) / 2 - 137.5) <= 3 and abs((by0 + by1) / 2 - 100.0) <= 3
     assert iou_xyxy(out["bbox_xyxy"], [75.0, 50.0, 200.0, 150.0]) >= 0.4
@@ -109,7 +108,7 @@ def test_padding_never_reaches_the_mask():
     mask nor raises the foreground threshold: the mean is over image pixels only."""
     attn = attention((0, 1, 0, 12, 50.0), (11, 12, 0, 12, 50.0), (4, 8, 3, 8, 1.0))
     for method in ("largest_hull", "mean_relu"):
-        out = localize(attn, meta_for(PAD), [HEAD], logic(**{"smoothing.sigma": 0.0, "mask.method": method}))
+        out = localize(attn, PAD, [HEAD], logic(**{"smoothing.sigma": 0.0, "mask.method": method}))
         assert out["mask"].shape == (200, 300)
         assert iou_xyxy(out["bbox_xyxy"], [75.0, 50.0, 200.0, 150.0]) >= 0.7, out["bbox_xyxy"]
         assert not out["mask"][0].any() and not out["mask"][-1].any()
@@ -155,16 +154,16 @@ def test_localize_smooths_with_the_configured_mode_and_truncate():
     """The logic's smoothing.mode / truncate reach the combined map."""
     attn = attention((0, 2, 0, 2, 1.0))
     for mode, truncate in (("reflect", 3.0), ("nearest", 4.0), ("constant", 3.0)):
-        out = localize(attn, meta_for(PAD), [HEAD], logic(**{"smoothing.mode": mode, "smoothing.truncate": truncate}))
+        out = localize(attn, PAD, [HEAD], logic(**{"smoothing.mode": mode, "smoothing.truncate": truncate}))
         np.testing.assert_array_equal(out["grid_map"], combine_heads(attn, GRID, [HEAD], 1.0, mode=mode,
                                                                      truncate=truncate))
-    assert not np.array_equal(localize(attn, meta_for(PAD), [HEAD], logic())["grid_map"],
-                              localize(attn, meta_for(PAD), [HEAD], logic(**{"smoothing.mode": "nearest"}))["grid_map"])
+    assert not np.array_equal(localize(attn, PAD, [HEAD], logic())["grid_map"],
+                              localize(attn, PAD, [HEAD], logic(**{"smoothing.mode": "nearest"}))["grid_map"])
 
 
 def test_no_heads_give_a_flat_map_and_no_box():
     """An empty head list (logic.threshold.min_keep=0 and nothing passing) is still an answer: no box."""
-    out = localize(attention((4, 8, 3, 8, 1.0)), meta_for(PAD), [], logic())
+    out = localize(attention((4, 8, 3, 8, 1.0)), PAD, [], logic())
     assert not out["grid_map"].any() and out["bbox_xyxy"] is None and not out["mask"].any()
 
 
@@ -175,8 +174,8 @@ def test_largest_hull_keeps_one_region_mean_relu_keeps_all():
     big, small = (3, 6, 1, 5), (7, 9, 8, 10)              # 3×4 cells and 2×2 cells, 2+ cells apart
     attn = attention((*big, 1.0), (*small, 1.0))
     big_rect, small_rect = cells_rect(PAD, *big), cells_rect(PAD, *small)
-    hull = localize(attn, meta_for(PAD), [HEAD], logic(**{"smoothing.sigma": 0.0, "mask.method": "largest_hull"}))
-    every = localize(attn, meta_for(PAD), [HEAD], logic(**{"smoothing.sigma": 0.0, "mask.method": "mean_relu"}))
+    hull = localize(attn, PAD, [HEAD], logic(**{"smoothing.sigma": 0.0, "mask.method": "largest_hull"}))
+    every = localize(attn, PAD, [HEAD], logic(**{"smoothing.sigma": 0.0, "mask.method": "mean_relu"}))
     assert iou_xyxy(hull["bbox_xyxy"], big_rect) >= 0.7
     assert iou_xyxy(hull["bbox_xyxy"], small_rect) == 0.0
     ex0, ey0, ex1, ey1 = every["bbox_xyxy"]
@@ -237,5 +236,5 @@ def test_no_attention_gives_no_box():
     """A map with nothing above its mean (all zero) → empty mask, bbox None, for both methods."""
     attn = torch.zeros((L, H, 1, GRID[0] * GRID[1]))
     for method in ("largest_hull", "mean_relu"):
-        out = localize(attn, meta_for(PAD), [HEAD], logic(**{"mask.method": method}))
+        out = localize(attn, PAD, [HEAD], logic(**{"mask.method": method}))
         assert out["bbox_xyxy"] is None and not out["mask"].any()

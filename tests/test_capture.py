@@ -8,6 +8,7 @@ from PIL import Image
 
 from localization_heads.collector import capture_rows, collect
 from localization_heads.families import load_adapter
+from localization_heads.layout import Layout
 
 
 def model_cfg(path, **overrides):
@@ -52,15 +53,16 @@ def test_capture_equals_eager_on_left_padded_batch(adapters, images):
 
 
 def test_record_shape_and_meta(adapters, images):
-    """collect() gives attn [L, H, 1, V] over exactly the image tokens, with grid and geometry."""
+    """collect() gives attn [L, H, 1, V] over exactly the image tokens, with their layout."""
     fast, _ = adapters
     record = collect(fast, load_all(images)[:1], ["the red circle ."])[0]
     rows, cols = fast.grid
     assert record["attn"].shape == (fast.num_layers, fast.num_heads, 1, rows * cols)
     meta = record["meta"]
-    assert meta["grid"] == [rows, cols] and meta["vis_len"] == rows * cols
+    layout = Layout.from_meta(meta)
+    assert layout.one_map.grid == (rows, cols) and meta["vis_len"] == rows * cols
     assert meta["image_size"] == [96, 64]
-    assert meta["geometry"]["method"] == "pad"
+    assert layout.method == "pad"
     # The image tokens hold a share of the softmax over all keys; never renormalised to 1.
     assert 0 < float(record["attn"].sum(-1).max()) <= 1 + 1e-5
 

@@ -1,5 +1,8 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: tiny random checkpoints (tests/tiny_qwen.py) loaded through
-adapters.load_adapter, every check run for all three model types."""
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 (dense and MoE, hybrid text models): tiny random
+checkpoints (tests/tiny_qwen.py) loaded through adapters.load_adapter, every check run for every model
+type. Qwen3.5's left-padded batches go through its linear-attention layers too: each batched record
+equals the same sample alone (assert_capture_equals_eager), also with a padding run longer than the
+64-token chunks of the gated delta rule."""
 from __future__ import annotations
 
 import numpy as np
@@ -57,6 +60,47 @@ def test_the_checkpoint_loads_as_its_family_with_the_processor_this_machine_can_
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
+# Model indices of the layers with softmax attention: Qwen3.5's default layer_types put one full-attention
+# layer after every three linear-attention ones (8 tiny layers: 3 and 7).
+ATTENTION_LAYERS = {"qwen3_5": [3, 7], "qwen3_5_moe": [3, 7]}
+
+
+def test_records_hold_the_attention_layers_by_model_index(pair):
+    fast, eager = pair
+    expected = ATTENTION_LAYERS.get(fast.model.config.model_type, list(range(fast.num_layers)))
+    assert fast.attention_layers == eager.attention_layers == expected
+    (record,) = collect(fast, images()[:1], QUERIES[:1])
+    assert record["meta"]["layers"] == expected and record["attn"].shape[:2] == (len(expected), fast.num_heads)
+
+
+def test_a_long_left_padding_run_leaves_the_linear_layers_unchanged(pair):
+    """A 400 × 300 image (112 prompt tokens) beside a short one: the short row's padding spans more than
+    one 64-token chunk of the linear layers' chunked delta rule."""
+    fast, _ = pair
+    pictures, queries = [coord_image(400, 300), coord_image(*TALL)], QUERIES
+    batched = collect(fast, pictures, queries)
+    lengths = fast.prepare(pictures, queries).inputs["attention_mask"].sum(1)
+    assert int(lengths.max() - lengths.min()) > 64
+    for i in range(2):
+        torch.testing.assert_close(batched[i]["attn"], collect(fast, pictures[i:i + 1], queries[i:i + 1])[0]["attn"],
+                                   atol=TOL, rtol=0)
+
+
+def test_an_unknown_layer_type_is_refused_before_any_row(checkpoint, tmp_path):
+    import json
+    import shutil
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    if "layer_types" not in config["text_config"]:
+        pytest.skip("a dense model type: no layer_types")
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    config["text_config"]["layer_types"][5] = "hybrid"   # valid in transformers (Zamba2), not capturable
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"text_config.layer_types\[5\]='hybrid'"):
+        load_adapter(model_cfg(broken))
+
+
 def test_a_llava_prompt_template_or_checkpoint_is_refused(checkpoint, hf_checkpoint):
     with pytest.raises(InputError, match="conv_mode"):
         load_adapter(model_cfg(checkpoint, conv_mode="referseg"))
@@ -71,11 +115,11 @@ def test_capture_equals_eager_and_batched_rows_equal_rows_run_alone(pair):
     prepared = fast.prepare(images(), QUERIES)
     inputs = fast.call_inputs(prepared)
     assert "position_ids" not in inputs
-    capture = AttentionCapture(max_steps=1)
+    capture = AttentionCapture(fast.attention_layers, max_steps=1)
     with torch.inference_mode():
         fast.model(**inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]),
                    attention_capture=capture, use_cache=False, logits_to_keep=1)
-    one_d = capture.layers(0, fast.num_layers)
+    one_d = capture.layers(0)
     assert (one_d - capture_rows(fast, prepared)).abs().max() > 100 * TOL
 
 
@@ -174,7 +218,7 @@ def test_image_only_processor_matches_the_stock_processor(checkpoint):
     torch.testing.assert_close(a["pixel_values"], b["pixel_values"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["qwen2vl_7b", "qwen25vl_7b", "qwen3vl_8b"])
+@pytest.mark.parametrize("name", ["qwen2vl_7b", "qwen25vl_7b", "qwen3vl_8b", "qwen35_4b", "qwen35_9b"])
 def test_real_checkpoint_configs_have_every_model_key_and_the_chat_template(name):
     from localization_heads import cli as pipeline
 

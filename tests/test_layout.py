@@ -46,11 +46,13 @@ def test_canvas_conserves_mass_inside_the_image_and_drops_padding():
     np.testing.assert_allclose(view.reshape(2, 4), [[0, 0, 0, 1], [0, 0, 0, 0]])
 
 
-def test_analysis_record_gives_grid_and_geometry_of_the_canvas():
+def test_analysis_record_gives_the_layout_of_the_canvas():
     layout = Layout.stack("views", (100, 100), [("base", (2, 2), (0, 0, 100, 100)), ("highres", (4, 4), (0, 0, 100, 100))])
     record = {"attn": np.full((1, 1, 1, 20), 0.05), "meta": {"layout": layout.to_dict()}}
     view = analysis_record(record)
-    assert view["meta"]["grid"] == [4, 4] and view["meta"]["geometry"]["grid_box"] == [0.0, 0.0, 100.0, 100.0]
+    canvas = Layout.from_meta(view["meta"]).one_map
+    assert canvas.grid == (4, 4) and canvas.box == (0.0, 0.0, 100.0, 100.0)
+    assert "grid" not in view["meta"] and "geometry" not in view["meta"]
     np.testing.assert_allclose(view["attn"].sum(), 1.0)
     assert analysis_record(view) is view                 # a view is its own view: passing it on costs nothing
 

@@ -20,6 +20,7 @@ import pytest
 
 from localization_heads import cli as pipeline
 from localization_heads.analyze import analyze
+from localization_heads.config import LogicSettings
 from localization_heads.bbox import combine_heads
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "parity"
@@ -43,7 +44,7 @@ def attention():
 
 @pytest.fixture(scope="module")
 def logic():
-    return pipeline.compose("logic=selection_v1").logic
+    return LogicSettings.from_config(pipeline.compose("logic=selection_v1").logic)
 
 
 def pairs(records) -> list[tuple[int, int]]:

@@ -17,6 +17,7 @@ from localization_heads import cli as pipeline
 from localization_heads import settings
 from localization_heads.collector import load_attention
 from localization_heads.dataio import InputError
+from localization_heads.layout import Layout
 from tests.conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +44,10 @@ def test_pipeline_stage_writes_every_output(fmt, hf_checkpoint, original_checkpo
     folder = outputs(tmp_path, ckpt)
     record = load_attention(folder / "sample.pkl")
     assert record["attn"].shape == (3, 4, 1, 49)
-    assert record["meta"]["grid"] == [7, 7] and record["meta"]["image_size"] == [96, 64]
-    assert record["meta"]["query"] == "the red circle ." and record["meta"]["geometry"]["method"] == "pad"
+    layout = Layout.from_meta(record["meta"])
+    assert layout.one_map.grid == (7, 7) and layout.method == "pad" and record["meta"]["image_size"] == [96, 64]
+    assert "grid" not in record["meta"] and "geometry" not in record["meta"]   # the layout is the one geometry
+    assert record["meta"]["query"] == "the red circle ."
     ranked = pickle.loads((folder / "sample_analysis.pkl").read_bytes())["ranked"]
     assert {"layer", "head", "attn_sum", "spatial_entropy", "bottom_row_focus"} <= set(ranked[0])
     assert Image.open(folder / "sample_mask.png").size == (96, 64)
@@ -190,12 +193,19 @@ def test_reference_format_pickle_is_accepted(hf_checkpoint, images, tmp_path):
     assert summary["image_size"] == [96, 64] and summary["bbox_xyxy"] is not None
 
 
-def test_cache_dir_is_exported(hf_checkpoint, images, tmp_path, monkeypatch):
+def test_cache_dir_is_passed_to_the_loaders_and_the_environment_is_left_alone(hf_checkpoint, images, tmp_path,
+                                                                              monkeypatch):
+    """model.cache_dir reaches every from_pretrained as an argument (adapter.cache_dir); a run no
+    longer exports HF_HOME / HF_HUB_CACHE, which would change the process for a notebook user."""
     monkeypatch.setenv("HF_HOME", "unset")
     monkeypatch.setenv("HF_HUB_CACHE", "unset")
+    loaded = []
+    real = settings.load_adapter_from
+    monkeypatch.setattr(settings, "load_adapter_from", lambda cfg: loaded.append(real(cfg)) or loaded[-1])
     run_stage("stage=collect", *common(hf_checkpoint, tmp_path), f"data.image_file={images['wide']}",
               "data.query=a cat", f"model.cache_dir={tmp_path / 'cache'}")
-    assert os.environ["HF_HOME"] == os.environ["HF_HUB_CACHE"] == str(tmp_path / "cache")
+    assert [adapter.cache_dir for adapter in loaded] == [str(tmp_path / "cache")]
+    assert os.environ["HF_HOME"] == os.environ["HF_HUB_CACHE"] == "unset"
 
 
 def test_cli_entrypoint_reports_bad_input_in_one_line(tmp_path):
@@ -214,8 +224,9 @@ def test_centre_crop_processor_is_recorded_and_undone(hf_crop_checkpoint, images
     summary = run_stage("stage=pipeline", *common(hf_crop_checkpoint, tmp_path), f"data.image_file={images['wide']}",
                         "data.query=a cat", "logic=paper")
     meta = load_attention(outputs(tmp_path, hf_crop_checkpoint) / "sample.pkl")["meta"]
-    assert meta["geometry"]["method"] == "crop"
-    x0, y0, x1, y1 = meta["geometry"]["grid_box"]
+    layout = Layout.from_meta(meta)
+    assert layout.method == "crop"
+    x0, y0, x1, y1 = layout.one_map.box
     assert (x0, y0, x1, y1) == pytest.approx((16, 0, 80, 64), abs=1e-6)   # 96×64 → 84×56 → crop 56
     bx0, _, bx1, _ = summary["bbox_xyxy"]
     assert 16 <= bx0 < bx1 <= 80

@@ -15,6 +15,7 @@ from localization_heads import bbox
 from localization_heads import evaluate
 from localization_heads import cli as pipeline
 from localization_heads import refine
+from localization_heads.config import MaskSettings, Settings
 from localization_heads.images import load_image
 from localization_heads.dataio import InputError
 from tests import tiny_sam
@@ -33,6 +34,10 @@ def refiner(sam_checkpoint):
 
 def run_stage(*overrides):
     return pipeline.run(pipeline.compose(*overrides))
+
+
+def settings_of(*overrides) -> Settings:
+    return Settings.from_config(pipeline.compose(*overrides))
 
 
 def common(checkpoint, sam_checkpoint, out):
@@ -106,22 +111,22 @@ def test_no_box_means_no_prompt_and_the_empty_coarse_mask_stays(refiner, images)
             raise AssertionError("SAM must not run without a box")
 
     loc = {"mask": np.zeros((64, 96), dtype=bool), "heat": np.zeros((64, 96)), "bbox_xyxy": None}
-    mask, info = refine.refine(Untouchable(), loc, {"image_file": str(images["wide"])}, {"sam_point": True})
+    mask, info = refine.refine(Untouchable(), loc, {"image_file": str(images["wide"])}, MaskSettings(sam_point=True))
     assert mask is loc["mask"] and info["status"] == "no_box" and info["score"] is None
 
 
 def test_an_image_whose_size_changed_since_collection_is_refused(refiner, images):
     loc = {"mask": np.zeros((10, 10), dtype=bool), "heat": np.zeros((10, 10)), "bbox_xyxy": [0, 0, 5, 5]}
     with pytest.raises(InputError, match="96x64 px now but was 10x10"):
-        refine.refine(refiner, loc, {"image_file": str(images["wide"])}, {"sam_point": False})
+        refine.refine(refiner, loc, {"image_file": str(images["wide"])}, MaskSettings(sam_point=False))
 
 
 def test_unknown_refiner_and_non_sam_checkpoints_are_refused(hf_checkpoint):
     with pytest.raises(InputError, match="logic.mask.refine='crf' is unknown"):
-        refine.load_refiner(pipeline.compose("logic.mask.refine=crf"))
+        refine.load_refiner(settings_of("logic.mask.refine=crf"))
     with pytest.raises(InputError, match="is a 'llava' checkpoint"):
-        refine.load_refiner(pipeline.compose("model=toy", "logic.mask.refine=sam", f"logic.mask.sam_model={hf_checkpoint}"))
-    assert refine.load_refiner(pipeline.compose()) is None        # the default: no refinement, nothing loaded
+        refine.load_refiner(settings_of("model=toy", "logic.mask.refine=sam", f"logic.mask.sam_model={hf_checkpoint}"))
+    assert refine.load_refiner(settings_of()) is None        # the default: no refinement, nothing loaded
 
 
 # --- the stages ---

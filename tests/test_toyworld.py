@@ -70,7 +70,13 @@ def test_oracle_grid_map_geometry():
     assert cov.shape == (14, 14)
     assert np.allclose(cov[:3], 0) and np.allclose(cov[-3:], 0) and np.allclose(cov[4:10], 1)
     assert np.isclose(cov[3, 0], 0.5) and np.isclose(cov.sum(), 14 * 14 * 70 / 140)
-    assert tw.cells_to_box(cov >= 0.5, 140, 70) == [0.0, 0.0, 140.0, 70.0]
+    assert tw.cells_to_box(tw.half_covered(cov), 140, 70) == [0.0, 0.0, 140.0, 70.0]
+
+
+def test_a_half_covered_cell_counts_whatever_the_last_bit():
+    """0.5 computed as 0.49999999999999994 (an AMD EPYC's BLAS) is still half covered; 0.4999 is not."""
+    cov = np.array([[0.5, np.nextafter(0.5, 0.0), 0.4999, 1.0]])
+    assert tw.half_covered(cov).tolist() == [[True, True, False, True]]
 
 
 def test_oracle_reaches_iou_half():

@@ -9,11 +9,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.colorbar import Colorbar
-from omegaconf import OmegaConf
 from PIL import Image
 
 from localization_heads import bbox
 from localization_heads import viz
+from localization_heads.config import MaskSettings
 from localization_heads.families.llava import compute_geometry
 
 LONG_QUERY = ("the small yellow circle that is just above the big red triangle on the left side of the picture, "
@@ -21,18 +21,18 @@ LONG_QUERY = ("the small yellow circle that is just above the big red triangle o
 
 
 def item(image_size, grid=(7, 7), pad=True, crop=False, gt=(10, 8, 40, 30)):
-    """attn [L=2, H=3, 1, V] with one hot cell, its geometry, the heads and bbox.locate's result."""
+    """attn [L=2, H=3, 1, V] with one hot cell, its meta (one-map layout), the heads and bbox.locate's result."""
     rows, cols = grid
     attn = np.full((2, 3, 1, rows * cols), 1e-3)
     attn[1, 2, 0, 2 * cols + 2] = 1.0
-    geometry = compute_geometry(image_size, grid, pad=pad, shortest_edge=14 if crop else None,
+    layout = compute_geometry(image_size, grid, pad=pad, shortest_edge=14 if crop else None,
                                 crop_size=(14, 14) if crop else None)
-    meta = {"geometry": geometry.to_dict(), "query": LONG_QUERY, "gt_bbox": list(gt) if gt else None}
+    meta = {"layout": layout.to_dict(), "query": LONG_QUERY, "gt_bbox": list(gt) if gt else None}
     heads = [{"layer": 1, "head": 2, "spatial_entropy": -1e-17, "attn_sum": 1.0},
              {"layer": 0, "head": 0, "spatial_entropy": None, "attn_sum": 0.05},
              {"layer": 1, "head": 1, "spatial_entropy": 0.6931, "attn_sum": 0.05}]
     grid_map = bbox.combine_heads(attn, grid, [(1, 2)], 1.0)
-    result = bbox.locate(grid_map, geometry, OmegaConf.create({"method": "largest_hull", "threshold": "half_max"}))
+    result = bbox.locate(grid_map, layout, MaskSettings(method="largest_hull", threshold="half_max"))
     return Image.new("RGB", image_size, (90, 90, 90)), attn, meta, heads, result
 
 
@@ -88,7 +88,7 @@ def test_raw_maps_are_drawn_in_image_pixels_with_the_padding_marked():
 
 def test_a_centre_crop_marks_what_the_model_saw():
     image, attn, meta, heads, result = item((64, 40), pad=False, crop=True, gt=None)
-    x0, y0, x1, y1 = meta["geometry"]["grid_box"]
+    x0, y0, x1, y1 = meta["layout"]["maps"][0]["box"]
     assert 11 < x0 < x1 < 53 and (y0, y1) == (0, 40)           # the middle ~41 of 64 columns
     fig = viz.build_figure(image, attn, meta, heads, result)
     view = [p for p in fig.axes[0].patches if p.get_label() == "model's view (crop)"]

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints written the way the hub holds them (model,
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense and MoE) checkpoints written the way the hub holds them (model,
 tokenizer with the family's chat template, the family's real processor class), so tests and the
 benchmark load them through the same from_pretrained path users run.
 
@@ -18,7 +18,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from localization_heads.families.qwen_vl import image_only_processor_class
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe")
+QWEN3_TYPES = ("qwen3_vl", "qwen3_5", "qwen3_5_moe")    # Qwen3-VL's vision side, template and processor
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>"]
 WORDS = ["<unk>", "system", "user", "assistant", "You", "are", "a", "helpful", "assistant.", "the", "red", "blue",
@@ -41,7 +42,7 @@ QWEN3_TEMPLATE = (
 
 
 def patch_size(model_type: str) -> int:
-    return 16 if model_type == "qwen3_vl" else 14
+    return 16 if model_type in QWEN3_TYPES else 14
 
 
 def tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
@@ -60,7 +61,8 @@ def tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
 
 def config(model_type: str, tok: PreTrainedTokenizerFast, *, text: dict | None = None, vision: dict | None = None):
     """The family's config: tiny by default (3 text layers, 4 heads over 2 KV heads, 2 vision blocks);
-    `text` / `vision` override any key (the benchmark passes the real 7B shape)."""
+    `text` / `vision` override any key (the benchmark passes the real 7B shape). Qwen3.5: 8 text layers,
+    layer_types left to the config's default (3 linear-attention layers, then 1 full: attention at 3 and 7)."""
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in
            [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
             ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
@@ -87,6 +89,20 @@ def config(model_type: str, tok: PreTrainedTokenizerFast, *, text: dict | None =
                           deepstack_visual_indexes=[0])
         text_cfg.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                       "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    elif model_type in ("qwen3_5", "qwen3_5_moe"):
+        if model_type == "qwen3_5":
+            from transformers import Qwen3_5Config as Config
+        else:
+            from transformers import Qwen3_5MoeConfig as Config
+            text_cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=32)
+        vision_cfg = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                          patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+        # head 32 with the real partial_rotary_factor 0.25: 8 rotary dims, M-RoPE sections summing to 4
+        text_cfg.update(num_hidden_layers=8, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                         "mrope_section": [2, 1, 1], "mrope_interleaved": True})
     else:
         raise ValueError(f"not a Qwen-VL model type: {model_type}")
     text_cfg.update(text or {})
@@ -101,7 +117,7 @@ def processor(model_type: str, tok: PreTrainedTokenizerFast, *, size: dict | Non
     factor = patch_size(model_type) * 2
     size = size or {"shortest_edge": 4 * factor**2, "longest_edge": 256 * factor**2}
     images = Qwen2VLImageProcessorPil(patch_size=patch_size(model_type), merge_size=2, temporal_patch_size=2, size=size)
-    template = QWEN3_TEMPLATE if model_type == "qwen3_vl" else QWEN2_TEMPLATE
+    template = QWEN3_TEMPLATE if model_type in QWEN3_TYPES else QWEN2_TEMPLATE
     return image_only_processor_class(model_type)(image_processor=images, tokenizer=tok, chat_template=template)
 
 
@@ -111,7 +127,7 @@ def save_processor(out: Path, model_type: str, tok: PreTrainedTokenizerFast, *, 
     processor(model_type, tok, size=size).save_pretrained(out)
     path = out / "processor_config.json"
     saved = json.loads(path.read_text())
-    kind = "Qwen3VLVideoProcessor" if model_type == "qwen3_vl" else "Qwen2VLVideoProcessor"
+    kind = "Qwen3VLVideoProcessor" if model_type in QWEN3_TYPES else "Qwen2VLVideoProcessor"
     saved["video_processor"] = {"video_processor_type": kind, "patch_size": patch_size(model_type), "merge_size": 2,
                                 "temporal_patch_size": 2}
     path.write_text(json.dumps(saved, indent=2))
@@ -122,7 +138,9 @@ def model_class(model_type: str):
 
     return getattr(transformers, {"qwen2_vl": "Qwen2VLForConditionalGeneration",
                                   "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                                  "qwen3_vl": "Qwen3VLForConditionalGeneration"}[model_type])
+                                  "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                                  "qwen3_5": "Qwen3_5ForConditionalGeneration",
+                                  "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}[model_type])
 
 
 def write_checkpoint(out: Path, model_type: str, *, seed: int = 0) -> Path:

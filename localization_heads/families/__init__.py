@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -27,6 +26,11 @@ FAMILIES = {
     "idefics3": "localization_heads.families.idefics3:Idefics3Adapter",
     "smolvlm": "localization_heads.families.idefics3:SmolVLMAdapter",
     "qwen_vl": "localization_heads.families.qwen_vl:QwenVLAdapter",
+    "molmo2": "localization_heads.families.molmo2:Molmo2Adapter",
+    "aya_vision": "localization_heads.families.aya_vision:AyaVisionAdapter",
+    "glm4v": "localization_heads.families.glm4v:Glm4vAdapter",
+    "llama4": "localization_heads.families.llama4:Llama4Adapter",
+    "lfm2_vl": "localization_heads.families.lfm2_vl:Lfm2VlAdapter",
     "gemma4": "localization_heads.families.gemma4:Gemma4Adapter",
     "mistral3": "localization_heads.families.mistral3:Mistral3Adapter",
 }
@@ -43,6 +47,15 @@ MODEL_TYPES = {
     "qwen2_vl": "qwen_vl",
     "qwen2_5_vl": "qwen_vl",
     "qwen3_vl": "qwen_vl",
+    "molmo2": "molmo2",
+    "aya_vision": "aya_vision",
+    "glm4v": "glm4v",
+    "glm4v_moe": "glm4v",
+    "glm46v": "glm4v",
+    "llama4": "llama4",
+    "qwen3_5": "qwen_vl",
+    "qwen3_5_moe": "qwen_vl",
+    "lfm2_vl": "lfm2_vl",
     "gemma4": "gemma4",
     "mistral3": "mistral3",
 }
@@ -104,23 +117,24 @@ def adapter_class(family: str):
     return getattr(importlib.import_module(module), name)
 
 
-def load_adapter(model_cfg, attn_capture: str = "sdpa"):
-    """Load the checkpoint named by model_cfg.name once; attn_capture: "sdpa" (capturing function)
-    or "eager" (output_attentions=True)."""
-    if model_cfg.get("cache_dir"):
-        # Libraries that read the environment rather than our argument (hub downloads of the
-        # vision tower inside transformers) see the same cache.
-        os.environ["HF_HOME"] = os.environ["HF_HUB_CACHE"] = str(model_cfg.cache_dir)
-    if model_cfg.get("use_flash_attn"):
+def load_adapter(model, attn_capture: str = "sdpa"):
+    """Load the checkpoint named by model.name once; model: config.ModelSettings (or a mapping of
+    its keys, missing ones at their defaults); attn_capture: "sdpa" (capturing function) or "eager"
+    (output_attentions=True). model.cache_dir goes to every from_pretrained as an argument; the
+    environment is never changed."""
+    from localization_heads.config import ModelSettings
+
+    model_cfg = model if isinstance(model, ModelSettings) else ModelSettings.from_config(model)
+    if model_cfg.use_flash_attn:
         raise InputError("model.use_flash_attn=true cannot return attention rows; keep it false "
                          "(the default capture already runs SDPA for the forward pass)")
     text_attn = {"sdpa": register_capture(), "eager": "eager"}.get(attn_capture)
     if text_attn is None:
         raise InputError(f"model.attn_capture={attn_capture!r} is unknown; use sdpa or eager")
-    device = resolve_device(str(model_cfg.device), int(model_cfg.get("device_id", 0)))
-    dtype = resolve_dtype(str(model_cfg.get("dtype", "auto")), device)
-    raw = read_checkpoint_config(str(model_cfg.name), model_cfg.get("cache_dir"))
-    family = str(model_cfg.get("family") or "auto")
+    device = resolve_device(str(model_cfg.device), int(model_cfg.device_id))
+    dtype = resolve_dtype(str(model_cfg.dtype), device)
+    raw = read_checkpoint_config(str(model_cfg.name), model_cfg.cache_dir or None)
+    family = str(model_cfg.family or "auto")
     family = detect_family(raw) if family == "auto" else family
     adapter = adapter_class(family)(model_cfg, raw, text_attn=text_attn, device=device, dtype=dtype)
     adapter.family = family

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
@@ -44,7 +45,8 @@ class Adapter:
     model_name: str
     model: torch.nn.Module     # the module whose forward/generate take call_inputs(prepared)
     tokenizer: object
-    num_layers: int
+    num_layers: int            # decoder layers of the language model
+    attention_layers: list[int]   # model indices of those with softmax attention: the L axis of every record
     num_heads: int
     conv_mode: str
     device: torch.device
@@ -53,13 +55,13 @@ class Adapter:
     generate_kwargs: dict = {}
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
-        """What every family reads from the model config; subclasses load the rest."""
+        """What every family reads from the model settings (config.ModelSettings); subclasses load the rest."""
         self.model_name = str(cfg.name)
-        self.conv_mode = str(cfg.get("conv_mode", "auto"))
-        self.query_at = str(cfg.get("query_at", "expression"))
+        self.conv_mode = str(cfg.conv_mode)
+        self.query_at = str(cfg.query_at)
         if self.query_at not in QUERY_AT:
             raise InputError(f"model.query_at={self.query_at!r} is unknown; use one of {', '.join(QUERY_AT)}")
-        self.cache_dir = cfg.get("cache_dir") or None
+        self.cache_dir = cfg.cache_dir or None
         self.device, self.dtype = device, dtype
 
     def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
@@ -139,6 +141,7 @@ class ImageTextAdapter(Adapter):
         # A generated placeholder would be taken for an image on the capture pass.
         self.generate_kwargs = {"suppress_tokens": [self.image_token_id]}
         self.num_layers = config.text_config.num_hidden_layers
+        self.attention_layers = attention_layers(config.text_config)
         self.num_heads = config.text_config.num_attention_heads
         return config
 
@@ -146,7 +149,7 @@ class ImageTextAdapter(Adapter):
         """(model.image_kwargs without nulls, the merged image settings every processor call uses):
         the processor's class defaults override its saved preprocessor config, so the layout must read
         the same merged settings as the call."""
-        image_kwargs = {k: v for k, v in (cfg.get("image_kwargs") or {}).items() if v is not None}
+        image_kwargs = {k: v for k, v in (cfg.image_kwargs or {}).items() if v is not None}
         merged = self.processor._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs,
                                               images_kwargs=image_kwargs)["images_kwargs"]
         return image_kwargs, merged
@@ -164,6 +167,33 @@ class ImageTextAdapter(Adapter):
         inputs = {k: v.to(self.device) for k, v in batch.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return Prepared(inputs, image_positions, layouts, prompts)
+
+
+# text_config.layer_types values: layers with softmax attention (captured) and layers without it
+# (Qwen3.5's Gated DeltaNet, LFM2's short convolution). Any other value is refused, never guessed.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+OTHER_LAYER_TYPES = ("linear_attention", "conv")
+
+
+def attention_layers(text_config) -> list[int]:
+    """Model indices of the layers with softmax attention: every layer, or those `layer_types` marks
+    as attention (hybrid models). An unknown layer type is an InputError naming it."""
+    count = text_config.num_hidden_layers
+    types = getattr(text_config, "layer_types", None)
+    if types is None:
+        return list(range(count))
+    if len(types) != count:
+        raise InputError(f"text_config.layer_types has {len(types)} entries for num_hidden_layers={count}; "
+                         "the checkpoint's config.json is inconsistent")
+    for i, kind in enumerate(types):
+        if kind not in ATTENTION_LAYER_TYPES + OTHER_LAYER_TYPES:
+            raise InputError(f"text_config.layer_types[{i}]={kind!r} is a layer type this tool does not know "
+                             f"(attention: {', '.join(ATTENTION_LAYER_TYPES)}; without attention: "
+                             f"{', '.join(OTHER_LAYER_TYPES)})")
+    layers = [i for i, kind in enumerate(types) if kind in ATTENTION_LAYER_TYPES]
+    if not layers:
+        raise InputError("text_config.layer_types has no attention layer; there are no heads to capture")
+    return layers
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

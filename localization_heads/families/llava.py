@@ -38,7 +38,7 @@ from transformers.utils import cached_file
 
 from localization_heads.dataio import InputError
 from localization_heads.families.base import Adapter, ImageTextAdapter, Prepared
-from localization_heads.layout import Geometry
+from localization_heads.layout import Layout
 
 
 # ---------------------------------------------------------------- prompt
@@ -91,8 +91,9 @@ def compute_geometry(
     pad: bool,
     shortest_edge: int | None = None,
     crop_size: tuple[int, int] | None = None,
-) -> Geometry:
-    """Follow pad → resize → centre crop the way the Hugging Face image processors do.
+) -> Layout:
+    """The one-map layout of a `grid` after pad → resize → centre crop, followed the way the Hugging
+    Face image processors do them; its method names the steps ("pad", "crop", "pad+crop", "resize").
 
     shortest_edge: resize keeping aspect so the short side equals it (None: resize to the final
     square, which stretches nothing when the input is already square). crop_size: (height, width)
@@ -120,12 +121,12 @@ def compute_geometry(
             steps.append("crop")
     if not steps:
         steps.append("resize")
-    return Geometry("+".join(steps), (width, height), tuple(grid), (float(x0), float(y0), float(x0 + w), float(y0 + h)))
+    return Layout.single("+".join(steps), (width, height), grid, (x0, y0, x0 + w, y0 + h))
 
 
 def geometry_from_image_processor(processor, image_size: tuple[int, int], grid: tuple[int, int],
-                                  pad: bool) -> Geometry:
-    """Geometry of a Hugging Face image processor's settings (resize by shortest edge or to
+                                  pad: bool) -> Layout:
+    """The one-map layout of a Hugging Face image processor's settings (resize by shortest edge or to
     height×width, optional centre crop) after an optional pad-to-square."""
     size = dict(processor.size)
     crop = dict(processor.crop_size) if getattr(processor, "do_center_crop", False) else None
@@ -154,7 +155,7 @@ class HFLlavaAdapter(ImageTextAdapter):
     def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
         prompts = [build_prompt(self.conv_mode, q, self.image_token) for q in queries]
         batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
-        layouts = [geometry_from_image_processor(self.processor.image_processor, im.size, self.grid, self.pad).layout()
+        layouts = [geometry_from_image_processor(self.processor.image_processor, im.size, self.grid, self.pad)
                    for im in images]
         # A count that is off by one per row means the CLS token was kept (vision_feature_select_strategy).
         return self.finish(batch, layouts, prompts, f"the {self.grid[0]}×{self.grid[1]} grid")
@@ -238,6 +239,7 @@ class OriginalLlavaAdapter(Adapter):
         self.pad = raw_config.get("image_aspect_ratio") == "pad"
         self.pad_fill = tuple(int(x * 255) for x in self.image_processor.image_mean)  # (122, 116, 104) for CLIP
         self.num_layers = llama_config.num_hidden_layers
+        self.attention_layers = list(range(self.num_layers))
         self.num_heads = llama_config.num_attention_heads
         side = self.vision_tower.config.image_size // self.vision_tower.config.patch_size
         self.grid = (side, side)
@@ -280,7 +282,7 @@ class OriginalLlavaAdapter(Adapter):
             inputs_embeds[b, offset:] = emb
             attention_mask[b, offset:] = 1
             image_positions.append(offset + image_at + torch.arange(num_vis))
-        layouts = [geometry_from_image_processor(self.image_processor, im.size, self.grid, self.pad).layout()
+        layouts = [geometry_from_image_processor(self.image_processor, im.size, self.grid, self.pad)
                    for im in images]
         return Prepared({"inputs_embeds": inputs_embeds, "attention_mask": attention_mask},
                         image_positions, layouts, prompts)
