@@ -32,10 +32,12 @@ Profiles:   cpu      scaled-down LLaVA-1.5 (text 512 wide, 8 layers, 8 heads; sm
             qwen35_9b  Qwen3.5-9B's layers and heads (32 layers: 24 Gated-DeltaNet + 8 full attention,
                      16 heads over 4 KV; 27-block ViT) with every width / 4, a 1,000 × 750 image (smart_resize
                      → 23 × 31 = 713 image tokens), N = 1,000, bfloat16, memory only
+            gemma4_31b_scaled_cpu  Gemma 4 31B's layers, heads, attention kinds and image settings, text widths
+                     / 16 (vision / 4.5), the same 1,000 × 750 image, N = 620; memory only, float32 (~0.3 GB)
             --quick  tiny shapes, a smoke test (about a minute); its numbers are not written anywhere
 
 Usage: python benchmarks/bench_collect.py [--profile NAME] [--quick] [--no-write] [--threads T]
-The cpu, llava7b, llava7b_cpu, qwen25vl* and qwen35_9b runs append a dated section to benchmarks/RESULTS.md.
+The cpu, llava7b, llava7b_cpu, qwen25vl*, qwen35_9b and gemma4* runs append a dated section to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -115,6 +117,22 @@ QWEN25VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, nu
 QWEN_MEMORY_RUN = dict(seq_lens=(1000,), warmup=0, repeats=0, batch_rows=0, batch_repeats=0, batch_speedup_target=0.0,
                        analysis_samples=0, family="qwen2_5_vl", image=(1000, 750))
 
+# Gemma 4 31B (google/gemma-4-31B-it's config.json) with the text widths / 16 and the vision widths / 4.5 (its
+# 2-D rope needs a head size divisible by 4: 72 / 4.5 = 16): the real 60 layers (50 sliding, window 1,024;
+# 10 global), 32 heads (16 KV heads in sliding layers, 4 in global layers whose keys are also the values),
+# image tokens bidirectional in sliding layers, and the real image settings (16 px patches, 3×3 pooling,
+# ≤ 280 tokens) — so eager's [L, H, N, N] maps keep their real size while the weights shrink to ~0.3 GB.
+# float32: this CPU's bfloat16 matmul is ~25× slower than its float32 one (no native bf16).
+GEMMA4_31B_TEXT = dict(hidden_size=336, intermediate_size=1344, num_hidden_layers=60, num_attention_heads=32,
+                       num_key_value_heads=16, head_dim=16, global_head_dim=32, num_global_key_value_heads=4,
+                       attention_k_eq_v=True, sliding_window=1024, layer_types=None,
+                       use_bidirectional_attention="vision", hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+                       final_logit_softcapping=30.0, max_position_embeddings=262144)
+GEMMA4_31B_VISION = dict(hidden_size=256, intermediate_size=956, num_hidden_layers=27, num_attention_heads=16,
+                         num_key_value_heads=16, head_dim=16, patch_size=16, pooling_kernel_size=3,
+                         position_embedding_size=10240, standardize=True)
+# One memory measurement with a 1,000 × 750 image (→ 912 × 672 px → 14 × 19 = 266 image tokens) at N = 620.
+GEMMA4_MEMORY_RUN = QWEN_MEMORY_RUN | dict(family="gemma4", seq_lens=(620,))
 # Qwen3.5-9B (Qwen/Qwen3.5-9B's config.json) with every width / 4: head_dim 64 (256), linear-attention
 # heads 32 wide (128), vision head 72 as in 9B. Layer types are the config's default, 3 linear then 1 full.
 QWEN35_9B_SCALED_TEXT = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=32, num_attention_heads=16,
@@ -157,6 +175,8 @@ PROFILES = {
             "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}),
         QWEN25VL_7B_VISION | dict(hidden_size=320, intermediate_size=855, num_heads=4, out_hidden_size=896),
         "cpu", "bfloat16", memory_only=True, **QWEN_MEMORY_RUN),
+    "gemma4_31b_scaled_cpu": Profile("gemma4_31b_scaled_cpu", GEMMA4_31B_TEXT, GEMMA4_31B_VISION, "cpu", "float32",
+                                     memory_only=True, parallel_probes=1, **GEMMA4_MEMORY_RUN),
     # Qwen3.5-9B's layers, heads, image and N with every width / 4 (~0.6 GB): eager's maps of the 8
     # full-attention layers keep their real size; the 24 linear-attention layers have none.
     "qwen35_9b": Profile("qwen35_9b", QWEN35_9B_SCALED_TEXT, QWEN35_9B_SCALED_VISION, "cpu", "bfloat16",
@@ -196,6 +216,8 @@ def build_checkpoint(profile: Profile, out: Path) -> Path:
     or the Qwen family's model with tests/tiny_qwen.py's tokenizer, chat template and processor."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    if profile.family == "gemma4":
+        return build_gemma4_checkpoint(profile, out)
     torch.manual_seed(0)
     if profile.family == "llava":
         grid = profile.vision["image_size"] // profile.vision["patch_size"]
@@ -225,6 +247,28 @@ def build_checkpoint(profile: Profile, out: Path) -> Path:
         build_processor(profile).save_pretrained(out)
     else:
         tiny_qwen.save_processor(out, profile.family, tokenizer, size=qwen_size(profile.family))
+    return out
+
+
+def build_gemma4_checkpoint(profile: Profile, out: Path) -> Path:
+    """tests/tiny_gemma4.py's tokenizer (plus the words "w0", "w1", ...), config and processor at the
+    profile's shape, with Gemma 4's real image settings; random weights in the profile's dtype."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    from tests import tiny_gemma4
+
+    torch.manual_seed(0)
+    tokenizer = tiny_gemma4.tokenizer()
+    tokenizer.add_tokens([f"w{i}" for i in range(1000)])
+    config = tiny_gemma4.config(tokenizer, text=profile.text | {"vocab_size": len(tokenizer)}, vision=profile.vision)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype({"float32": torch.float32, "bfloat16": torch.bfloat16}[profile.dtype])
+    try:
+        model = Gemma4ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(out, max_shard_size="2GB")
+    tiny_gemma4.save_processor(out, tokenizer, patch=profile.vision["patch_size"], max_soft_tokens=280)
     return out
 
 
@@ -605,6 +649,8 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 def describe_shape(profile: Profile) -> str:
     t, v = profile.text, profile.vision
+    if profile.family == "gemma4":
+        return describe_gemma4(profile)
     if profile.family == "llava":
         return (f"text {t['hidden_size']} wide, {t['num_hidden_layers']} layers × {t['num_attention_heads']} heads, "
                 f"MLP {t['intermediate_size']}, vocab {t['vocab_size']}; vision {v['hidden_size']} wide, "
@@ -622,6 +668,23 @@ def describe_shape(profile: Profile) -> str:
             f"{t.get('vocab_size', 'of the benchmark tokenizer (~1k)')}; vision {v['hidden_size']} wide, {v['depth']} blocks × {v['num_heads']} heads; a "
             f"{width} × {height} image → {resized_w} × {resized_h} px → {resized_h // factor} × {resized_w // factor} = "
             f"{(resized_h // factor) * (resized_w // factor)} image tokens; {profile.dtype} on {profile.device}")
+
+
+def describe_gemma4(profile: Profile) -> str:
+    from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
+
+    t, v = profile.text, profile.vision
+    width, height = profile.image
+    cell = v["patch_size"] * v["pooling_kernel_size"]
+    resized_h, resized_w = get_aspect_ratio_preserving_size(height, width, v["patch_size"],
+                                                            280 * v["pooling_kernel_size"]**2, v["pooling_kernel_size"])
+    return (f"gemma4 text {t['hidden_size']} wide, {t['num_hidden_layers']} layers × {t['num_attention_heads']} heads "
+            f"(sliding: {t['num_key_value_heads']} KV × {t['head_dim']}, window {t['sliding_window']}; global: "
+            f"{t['num_global_key_value_heads']} KV × {t['global_head_dim']}, keys = values), MLP {t['intermediate_size']}, "
+            f"vocab of the benchmark tokenizer (~1k); vision {v['hidden_size']} wide, {v['num_hidden_layers']} layers × "
+            f"{v['num_attention_heads']} heads; a {width} × {height} image → {resized_w} × {resized_h} px → "
+            f"{resized_h // cell} × {resized_w // cell} = {(resized_h // cell) * (resized_w // cell)} image tokens; "
+            f"{profile.dtype} on {profile.device}")
 
 
 def results_section(profile: Profile, info: dict, m: dict, table: str, missed: list[str], seconds: float) -> str:

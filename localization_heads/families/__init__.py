@@ -31,6 +31,8 @@ FAMILIES = {
     "glm4v": "localization_heads.families.glm4v:Glm4vAdapter",
     "llama4": "localization_heads.families.llama4:Llama4Adapter",
     "lfm2_vl": "localization_heads.families.lfm2_vl:Lfm2VlAdapter",
+    "gemma4": "localization_heads.families.gemma4:Gemma4Adapter",
+    "mistral3": "localization_heads.families.mistral3:Mistral3Adapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -54,6 +56,8 @@ MODEL_TYPES = {
     "qwen3_5": "qwen_vl",
     "qwen3_5_moe": "qwen_vl",
     "lfm2_vl": "lfm2_vl",
+    "gemma4": "gemma4",
+    "mistral3": "mistral3",
 }
 
 
