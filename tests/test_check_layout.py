@@ -85,7 +85,11 @@ FAMILIES = {
     "glm4v": (_built_by("tests.test_family_glm4v", "glm4v"), {}),
     "llama4": (_built_by("tests.test_family_llama4"), {}),
     "lfm2_vl": (_built_by("tests.tiny_lfm2_vl"), {}),
+    "gemma4": (_built_by("tests.tiny_gemma4"), {}),
+    "mistral3": (_built_by("tests.test_family_mistral3"), {}),
 }
+# Not here: Molmo2, whose painted rectangles move no image token at all with the vision attention zeroed
+# (open: docs/check_layout.md). Its geometry is traced through the model in tests/test_family_molmo2.py.
 # Their image processors exist only on the torchvision backend: checked in CI's torchvision environment.
 NEEDS_TORCHVISION = ("llama4", "lfm2_vl")
 # Families whose images can have two views of the same grid (tiles, crops), whose tokens can be swapped.
