@@ -20,6 +20,8 @@ single-image run, or a JSONL that is not this folder's) every <id>_bbox.json in 
 from __future__ import annotations
 
 import csv
+import datetime
+import glob
 import hashlib
 import html
 import io
@@ -182,8 +184,11 @@ def find_selection(folder: Path, cfg, rows: list[Row]) -> Path | None:
     return None
 
 
-def _analysis_sample(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*_analysis.pkl"))
+def _analysis_sample(folder: Path, rows: list[Row]) -> list[Path]:
+    """The analysis files of the report's own rows (the rows its metrics count), a seeded sample of
+    ELBOW_FILES when there are more."""
+    files = [folder / f"{r.id}_analysis.pkl" for r in rows]
+    files = [f for f in files if f.is_file()]
     if len(files) > ELBOW_FILES:
         keep = np.random.default_rng(SEED).choice(len(files), size=ELBOW_FILES, replace=False)
         files = [files[i] for i in sorted(keep)]
@@ -351,11 +356,14 @@ def _metrics_html(m: dict) -> str:
     return f"<table class=metrics id=metrics>{body}</table>{note}"
 
 
-def _card(row: Row, thumb: str | None) -> str:
+def _card(row: Row, thumb: str | None, figure: str | None = None) -> str:
     iou = f"IoU {row.iou:.2f}" if row.iou is not None else ("no ground truth" if row.gt is None else "")
     status = "" if row.status == "ok" else f" · {row.status}: {row.reason}"
     picture = (f'<img src="thumbs/{quote(thumb)}" alt="{html.escape(row.id)}">' if thumb
                else "<div class=noimg>image not available</div>")
+    if figure:   # the row's own figure (<id>_top{K}.png), one folder up
+        picture = f'<a href="../{quote(figure)}">{picture}</a>'
+
     return (f"<figure class=card>{picture}<figcaption><b>{html.escape(row.id)}</b> · {html.escape(iou)}"
             f"{html.escape(status)}<br>{html.escape(row.prompt or '')}</figcaption></figure>")
 
@@ -375,17 +383,19 @@ table.metrics { border-collapse: collapse; } .metrics th, .metrics td { padding:
 
 
 def render_html(title: str, source: str, m: dict, figures: list[tuple[str, str, str]], notes: list[str],
-                groups: list[tuple[str, list[tuple[Row, str | None]]]], n_rows: int) -> str:
+                groups: list[tuple[str, list[tuple[Row, str | None, str | None]]]], n_rows: int,
+                provenance: str = "") -> str:
     shown = sum(len(g) for _, g in groups)
     figs = "".join(f'<figure><img src="{quote(name)}" alt="{html.escape(alt)}"><figcaption class=muted>'
                    f"{html.escape(caption)}</figcaption></figure>" for name, alt, caption in figures)
-    sections = "".join(f"<h3>{html.escape(t)}</h3><div class=gallery>{''.join(_card(r, th) for r, th in g)}</div>"
+    sections = "".join(f"<h3>{html.escape(t)}</h3><div class=gallery>{''.join(_card(*card) for card in g)}</div>"
                        for t, g in groups)
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>
 <meta name=viewport content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
+<p class=muted id=made-by>{html.escape(provenance)}</p>
 <p class=muted>Rows: {html.escape(source)}. Every row: <a href="rows.csv">rows.csv</a>.</p>
 <h2>Metrics</h2>
 {_metrics_html(m)}
@@ -412,6 +422,29 @@ def _rows_csv(rows: list[Row]) -> str:
     return buf.getvalue()
 
 
+def row_figure(folder: Path, row: Row) -> str | None:
+    """The name of the row's figure (<id>_top{K}.png) in the run folder, when one was drawn."""
+    found = sorted(folder.glob(f"{glob.escape(row.id)}_top*.png"))
+    return found[0].name if found else None
+
+
+def made_by(rows: list[Row], selection_file: Path | None) -> str:
+    """What made the run's boxes, as its rows' _bbox.json files record it, and this page."""
+    from localization_heads import __version__
+
+    def recorded(get) -> str:
+        values = sorted({str(v) for v in (get(r.summary) for r in rows if r.summary) if v is not None})
+        return ", ".join(values) if values else "not recorded"
+
+    model = recorded(lambda s: (s.get("collect_settings") or {}).get("model"))
+    logic = recorded(lambda s: s.get("logic"))
+    threshold = recorded(lambda s: ((s.get("settings") or {}).get("logic") or {}).get("mask", {}).get("threshold"))
+    heads = recorded(lambda s: s.get("heads_source"))
+    return (f"Model {model} · logic {logic} · mask threshold {threshold} · heads {heads}"
+            + (f" · selection {selection_file}" if selection_file else "")
+            + f" · localization-heads {__version__} · {datetime.date.today().isoformat()}")
+
+
 def build_report(cfg) -> Path:
     """Write <folder>/report/index.html (+ figures, thumbnails, rows.csv); return its path. cfg: config.Settings."""
     folder = Path(str(cfg.data.pred_dir)) if cfg.data.pred_dir else model_dir(cfg)
@@ -422,7 +455,7 @@ def build_report(cfg) -> Path:
     m = metrics(rows)
 
     figures, notes = [], []
-    analyses = _analysis_sample(folder)
+    analyses = _analysis_sample(folder, rows)
     sums = head_sums(analyses)
     selection_file = find_selection(folder, cfg, rows)
     selection = json.loads(selection_file.read_text()) if selection_file else None
@@ -442,11 +475,13 @@ def build_report(cfg) -> Path:
         notes.append("No analysis files (<id>_analysis.pkl) in the folder: no τ elbow curve.")
 
     thumbs = out / "thumbs"
-    groups = [(title, [(r, thumbnail(r, folder, thumbs)) for r in members]) for title, members in gallery_groups(rows)]
+    groups = [(title, [(r, thumbnail(r, folder, thumbs), row_figure(folder, r)) for r in members])
+              for title, members in gallery_groups(rows)]
     atomic_write_text(out / "rows.csv", _rows_csv(rows))
     title = f"localization-heads report: {folder.name}"
     page = out / "index.html"
-    atomic_write_text(page, render_html(title, source, m, figures, notes, groups, len(rows)))
+    atomic_write_text(page, render_html(title, source, m, figures, notes, groups, len(rows),
+                                        made_by(rows, selection_file)))
     log.info("report: %d rows%s → %s", len(rows),
              f", Acc@0.5 {m['acc@0.5']:.3f} on {m['with_gt']}" if m["with_gt"] else "", page)
     return page

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,19 @@ def test_the_browser_check_sees_a_broken_image(toy_run, tmp_path):
     facts = browser.load(broken.as_uri(), PAGE_FACTS)
     assert any("ERR_FILE_NOT_FOUND" in e for e in facts.errors)
     assert json.loads(facts.value)["loaded"] == 0
+
+
+def test_the_page_names_what_made_it_and_links_thumbnails_to_row_figures(toy_run, tmp_path):
+    """Model, logic, mask threshold, heads, package version and date on the page; a row drawn with
+    data.visualize_batch=true links its thumbnail to its own figure."""
+    from localization_heads import __version__
+
+    page, base = toy_run
+    text = page.read_text()
+    made = re.search(r"<p class=muted id=made-by>(.*?)</p>", text).group(1)
+    assert "toy-llava" in made and "logic paper" in made and "mask threshold half_max" in made
+    assert "selected_heads.json" in made and __version__ in made
+    assert 'href="../' not in text   # no figures were drawn in this run
+    run("stage=batch", *base, "data.process_all=true", "data.visualize_batch=true")
+    text = run("stage=report", *base).read_text()
+    assert re.search(r'<a href="\.\./toy_square_0_top3\.png"><img src="thumbs/', text)
