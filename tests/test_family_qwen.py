@@ -95,9 +95,10 @@ def test_an_unknown_layer_type_is_refused_before_any_row(checkpoint, tmp_path):
         pytest.skip("a dense model type: no layer_types")
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
-    config["text_config"]["layer_types"][5] = "hybrid"   # valid in transformers (Zamba2), not capturable
+    last = len(config["text_config"]["layer_types"]) - 1
+    config["text_config"]["layer_types"][last] = "hybrid"   # valid in transformers (Zamba2), not capturable
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match=r"text_config.layer_types\[5\]='hybrid'"):
+    with pytest.raises(InputError, match=rf"text_config.layer_types\[{last}\]='hybrid'"):
         load_adapter(model_cfg(broken))
 
 
