@@ -305,13 +305,31 @@ def make_image(seed: int, size=(640, 480)) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def one_token_words(tokenizer) -> list[str]:
+    """Words that the tokenizer keeps whole, as one token after a space: the benchmark's "w<i>" words,
+    or where it drops them, its own vocabulary's. A checkpoint whose config says qwen3_5 loads its
+    tokenizer as Qwen3_5Tokenizer whatever class it was saved as: byte-level BPE over the saved word list
+    without merges, which keeps only the one-character words ("a", ".")."""
+    def kept(word: str) -> bool:
+        ids = tokenizer.encode(" " + word, add_special_tokens=False)
+        return len(ids) == 1 and tokenizer.decode(ids).strip() == word
+
+    vocab, special = tokenizer.get_vocab(), set(tokenizer.get_added_vocab())
+    words = ([w for w in (f"w{i}" for i in range(900)) if kept(w)]
+             or [w for w in sorted(vocab, key=vocab.get) if w not in special and kept(w)])
+    if not words:
+        raise ValueError(f"{type(tokenizer).__name__} keeps no word whole; cannot pad the prompt to N tokens")
+    return words
+
+
 def query_of_length(adapter, image: Image.Image, n_tokens: int) -> str:
-    """A query of "w<i>" words such that the whole prompt is exactly n_tokens long."""
-    base = adapter.prepare([image], ["w0"]).inputs["input_ids"].shape[1]      # with a one-word query
+    """A query of one-token words such that the whole prompt is exactly n_tokens long."""
+    words = one_token_words(adapter.tokenizer)
+    base = adapter.prepare([image], [words[0]]).inputs["input_ids"].shape[1]      # with a one-word query
     n_words = n_tokens - base + 1
     if n_words < 1:
         raise ValueError(f"N={n_tokens} is shorter than the image prompt ({base} tokens)")
-    return " ".join(f"w{(7 * i) % 900}" for i in range(n_words))
+    return " ".join(words[(7 * i) % len(words)] for i in range(n_words))
 
 
 def prepare_n(adapter, n_tokens: int, image_size=(640, 480)):
