@@ -16,7 +16,7 @@ from tests.cli_runs import REPO, EXAMPLES, TOY, EXIT_OK, cli, subprocess_cli, ro
 
 # ---------------------------------------------------------------- quoting, file modes
 
-# The README's "Quoting" examples, run as written (only `python pipeline.py` made absolute).
+# docs/cli.md's "Quoting" examples, run as written (only `python pipeline.py` made absolute).
 README_QUOTING = [
     ("""python pipeline.py stage=pipeline model=toy 'data.image_file="photos/photo (1), ü.png"' """
      """'data.query="the small, yellow circle (left)"'""",
@@ -29,7 +29,7 @@ README_QUOTING = [
 
 @pytest.mark.parametrize("command, image_file, query", README_QUOTING)
 def test_the_readme_shows_how_to_quote_and_it_works_in_a_shell(command, image_file, query, tmp_path):
-    assert command in (REPO / "README.md").read_text()
+    assert command in (REPO / "docs" / "cli.md").read_text()
     (tmp_path / "photos").mkdir()
     (tmp_path / image_file).write_bytes((EXAMPLES / "toy_tall.png").read_bytes())
     result = subprocess.run(["bash", "-c", command.replace("python pipeline.py", f"{sys.executable} {REPO / 'pipeline.py'}")],

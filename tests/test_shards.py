@@ -74,12 +74,16 @@ def test_device_per_shard_reaches_the_model_loader(monkeypatch):
     from localization_heads import cli as pipeline
     from localization_heads import settings
     from localization_heads import families as adapters
+    from localization_heads.config import Settings
+
+    def compose(*overrides):
+        return Settings.from_config(pipeline.compose(*overrides))
 
     asked = []
     monkeypatch.setattr(adapters, "load_adapter", lambda model_cfg, capture: asked.append(str(model_cfg.device)))
     monkeypatch.setattr(settings.torch.cuda, "device_count", lambda: 2)
     for shard in range(3):
-        settings.load_adapter_from(pipeline.compose("model=toy", "model.device=auto", "data.num_shards=3",
-                                                    f"data.shard={shard}", "data.device_per_shard=true"))
-    settings.load_adapter_from(pipeline.compose("model=toy", "model.device=auto", "data.num_shards=3", "data.shard=1"))
+        settings.load_adapter_from(compose("model=toy", "model.device=auto", "data.num_shards=3",
+                                           f"data.shard={shard}", "data.device_per_shard=true"))
+    settings.load_adapter_from(compose("model=toy", "model.device=auto", "data.num_shards=3", "data.shard=1"))
     assert asked == ["cuda:0", "cuda:1", "cuda:0", "auto"]
