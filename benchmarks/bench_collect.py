@@ -425,7 +425,9 @@ def cpu_memory(profile: Profile, ckpt: Path, mode: str, n_tokens: int) -> float:
                           env=os.environ | PROBE_ENV)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {mode} N={n_tokens} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+    log(f"{mode} N={n_tokens}: extra peak {peak:.0f} MB")   # each as it comes: a slow run's partial results
+    return peak
 
 
 def cpu_memory_all(profile: Profile, ckpt: Path) -> dict:
