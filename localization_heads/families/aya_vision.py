@@ -18,15 +18,12 @@ the expression's last token (model.query_at=generation_prompt: the end of the ch
 from __future__ import annotations
 
 import torch
-from PIL import Image
 from transformers import AutoProcessor
 
-from localization_heads.families.base import ImageTextAdapter, Prepared, chat_prompt
-from localization_heads.families.internvl import tile_grid, tiles_layout
-from localization_heads.layout import Layout
+from localization_heads.families.internvl import TiledAdapter
 
 
-class AyaVisionAdapter(ImageTextAdapter):
+class AyaVisionAdapter(TiledAdapter):
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
         super().__init__(cfg, device, dtype)
         config = self.load(AutoProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir), text_attn)
@@ -37,14 +34,3 @@ class AyaVisionAdapter(ImageTextAdapter):
             raise RuntimeError(f"{self.model_name}: the processor's {processor_side}² tokens a view ≠ "
                                f"({vision.image_size} / {vision.patch_size} / {config.downsample_factor})²")
         self.image_kwargs, self.call_images_kwargs = self.image_kwargs_of(cfg)
-
-    def layout(self, image_size: tuple[int, int]) -> Layout:
-        tiles = tile_grid(image_size, self.call_images_kwargs, self.processor.image_processor)
-        return tiles_layout(image_size, tiles, self.side)
-
-    def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
-        prompts = [chat_prompt(self.processor, q, self.query_at) for q in queries]
-        # The chat template already starts with <BOS_TOKEN>.
-        batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True,
-                               add_special_tokens=False, images_kwargs=self.image_kwargs)
-        return self.finish(batch, [self.layout(im.size) for im in images], prompts, "the tile grid")

@@ -73,7 +73,26 @@ def _first(value) -> int:
     return int(value if isinstance(value, int) else value[0])
 
 
-class InternVLAdapter(ImageTextAdapter):
+class TiledAdapter(ImageTextAdapter):
+    """A family whose processor cuts the image into a GotOcr2 tile grid plus a thumbnail (InternVL,
+    Aya Vision): its __init__ loads the model and sets `side` (tokens per view side),
+    `image_kwargs` and `call_images_kwargs`."""
+
+    side: int
+
+    def layout(self, image_size: tuple[int, int]) -> Layout:
+        tiles = tile_grid(image_size, self.call_images_kwargs, self.processor.image_processor)
+        return tiles_layout(image_size, tiles, self.side)
+
+    def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
+        prompts = [chat_prompt(self.processor, q, self.query_at) for q in queries]
+        # The chat template already holds the special tokens (<BOS_TOKEN> for Aya Vision).
+        batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True,
+                               add_special_tokens=False, images_kwargs=self.image_kwargs)
+        return self.finish(batch, [self.layout(im.size) for im in images], prompts, "the tile grid")
+
+
+class InternVLAdapter(TiledAdapter):
     def __init__(self, cfg, raw_config: dict, *, text_attn: str, device: torch.device, dtype: torch.dtype):
         super().__init__(cfg, device, dtype)
         config = self.load(ImageOnlyInternVLProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir),
@@ -87,13 +106,3 @@ class InternVLAdapter(ImageTextAdapter):
                                f"≠ ({patches} patches · {config.downsample_ratio})² tokens per tile")
         self.image_kwargs, self.call_images_kwargs = self.image_kwargs_of(cfg)
 
-    def layout(self, image_size: tuple[int, int]) -> Layout:
-        tiles = tile_grid(image_size, self.call_images_kwargs, self.processor.image_processor)
-        return tiles_layout(image_size, tiles, self.side)
-
-    def prepare(self, images: list[Image.Image], queries: list[str]) -> Prepared:
-        prompts = [chat_prompt(self.processor, q, self.query_at) for q in queries]
-        # The chat template already holds the special tokens.
-        batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True,
-                               add_special_tokens=False, images_kwargs=self.image_kwargs)
-        return self.finish(batch, [self.layout(im.size) for im in images], prompts, "the tile grid")
