@@ -309,9 +309,10 @@ def hub_problem(key: str, name: str, cache_dir: str | None) -> str | None:
     return None
 
 
-def model_shape(cfg: DictConfig) -> tuple[int, int] | None:
-    """(layers L, heads H) of the text model, read from the checkpoint's config.json (a local folder
-    or the hub cache) without loading the model; None when it is not here or does not say."""
+def model_heads(cfg: DictConfig) -> tuple[list[int], int] | None:
+    """(model indices of the attention layers, heads H) of the text model, read from the checkpoint's
+    config.json (a local folder or the hub cache) without loading the model; None when it is not here
+    or does not say. Hybrid models list only their softmax-attention layers (Qwen3.5: 3, 7, …)."""
     name = model_path(str(cfg.model.name))
     path = Path(name) / "config.json"
     if not path.is_file():
@@ -324,42 +325,67 @@ def model_shape(cfg: DictConfig) -> tuple[int, int] | None:
         if not isinstance(cached, str):
             return None
         path = Path(cached)
+    return _heads_from_transformers(path.parent) or _heads_from_json(path)
+
+
+def _heads_from_transformers(folder: Path) -> tuple[list[int], int] | None:
+    """Through the model type's config class, which fills in what config.json leaves to defaults
+    (e.g. a hybrid model's layer_types). None for a type transformers does not know (the original
+    LLaVA format) or a config it cannot read (reported when the model loads)."""
+    from transformers import AutoConfig
+
+    from localization_heads.families.base import attention_layers
+
+    try:
+        text = AutoConfig.from_pretrained(folder).get_text_config()
+        heads = text.num_attention_heads
+    except Exception:   # any failure here is the model load's to report, with its own message
+        return None
+    return (attention_layers(text), heads) if _is_int(heads) and heads > 0 else None
+
+
+def _heads_from_json(path: Path) -> tuple[list[int], int] | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         text = raw.get("text_config") or raw.get("llm_config") or raw   # the original LLaVA format: top level
-        shape = (text.get("num_hidden_layers", raw.get("num_hidden_layers")),
-                 text.get("num_attention_heads", raw.get("num_attention_heads")))
+        layers = text.get("num_hidden_layers", raw.get("num_hidden_layers"))
+        heads = text.get("num_attention_heads", raw.get("num_attention_heads"))
     except (OSError, ValueError, AttributeError):
         return None   # a damaged config.json is reported when the model loads
-    return shape if all(_is_int(v) and v > 0 for v in shape) else None
+    return (list(range(layers)), heads) if all(_is_int(v) and v > 0 for v in (layers, heads)) else None
 
 
-def heads_fit_problem(cfg: DictConfig, shape: tuple[int, int] | None, where: str) -> str | None:
-    """Why logic.heads names heads the model does not have, or None."""
+def heads_fit_problem(cfg: DictConfig, shape: tuple[list[int], int] | None, where: str) -> str | None:
+    """Why logic.heads names heads the model does not have, or None. shape: (model indices of the
+    attention layers, heads per layer)."""
     heads, _ = fixed_heads(cfg.logic)
     if not heads or shape is None:
         return None
     layers, num_heads = shape
-    outside = [[l, h] for l, h in heads if not (0 <= l < layers and 0 <= h < num_heads)]
+    outside = [[l, h] for l, h in heads if not (l in layers and 0 <= h < num_heads)]
     if not outside:
         return None
-    return (f"logic.heads: {outside} outside the model's {layers} layers × {num_heads} heads ({where}); "
-            f"give layer < {layers} and head < {num_heads}, or heads selected for this model")
+    if layers == list(range(len(layers))):
+        return (f"logic.heads: {outside} outside the model's {len(layers)} layers × {num_heads} heads ({where}); "
+                f"give layer < {len(layers)} and head < {num_heads}, or heads selected for this model")
+    return (f"logic.heads: {outside} outside the model's heads: attention layers {layers} (model indices; the "
+            f"others have no attention) × {num_heads} heads ({where}); give heads selected for this model")
 
 
 def check_heads_fit(cfg: DictConfig, out_dir: Path, rows: list) -> None:
-    """Before any row of a batch: logic.heads against the model's (L, H), from its config.json or,
+    """Before any row of a batch: logic.heads against the model's heads, from its config.json or,
     when the model is not here, from the first saved attention file of the rows to redo."""
-    shape, where = model_shape(cfg), "its config.json"
+    shape, where = model_heads(cfg), "its config.json"
     if shape is None and fixed_heads(cfg.logic)[0]:
         from localization_heads.collector import load_attention
 
         for row in rows:
             try:
-                attn = load_attention(out_dir / f"{row.id}.pkl")["attn"]   # [L, H, 1, V]
+                record = load_attention(out_dir / f"{row.id}.pkl")
             except InputError:
                 continue
-            shape, where = tuple(attn.shape[:2]), f"{row.id}.pkl"
+            attn = record["attn"]   # [L, H, 1, V]; meta["layers"]: the model index of each row of L
+            shape, where = (list(record["meta"]["layers"]), attn.shape[1]), f"{row.id}.pkl"
             break
     problem = heads_fit_problem(cfg, shape, where)
     if problem:
@@ -426,7 +452,7 @@ def check_config(cfg: DictConfig) -> None:
         except InputError as e:
             problems.append(str(e))
     if not any(problems) and stage in ("collect", "pipeline", "batch"):
-        problems.append(heads_fit_problem(cfg, model_shape(cfg), f"{model_path(str(cfg.model.name))}/config.json"))
+        problems.append(heads_fit_problem(cfg, model_heads(cfg), f"{model_path(str(cfg.model.name))}/config.json"))
     problems = [p for p in problems if p]
     if problems:
         raise _problems_error("config", problems)

@@ -7,6 +7,8 @@ import shutil
 import time
 
 import pytest
+from localization_heads.collector import load_attention, save_attention
+
 
 from tests.cli_runs import (only_writes_into, error_line, REPO, EXAMPLES, TOY, EXIT_OK, EXIT_NOT_RUN, EXIT_ROWS_FAILED, cli, model_loads, rows_file,
                             good_rows, batch_args, folder, mounts, readonly)
@@ -127,6 +129,38 @@ def test_heads_outside_the_saved_attention_are_refused_when_the_model_is_gone(cl
     with only_writes_into(tmp_path, out):
         code, log = cli(*batch_args(data, out, f"model.name={model}", "logic.heads=[[5,4]]"))
     assert code == EXIT_NOT_RUN and error_line(log, "logic.heads: [[5, 4]] outside the model's 6 layers × 4 heads (r0.pkl)")
+
+
+def test_heads_on_layers_without_attention_are_refused_before_any_row(cli, tmp_path, model_loads):
+    """Qwen3.5: layers 0–2 and 4–6 are Gated DeltaNet layers without attention; its config.json says so
+    (here through the config class's default layer_types), so [[1, 0]] is refused before the model loads."""
+    from tests import tiny_qwen
+
+    model = tmp_path / "tiny-qwen35"
+    tiny_qwen.config("qwen3_5", tiny_qwen.tokenizer()).save_pretrained(model)
+    data, out = rows_file(tmp_path, good_rows(2)), tmp_path / "out"
+    with only_writes_into(tmp_path, out):
+        code, log = cli(*batch_args(data, out, f"model.name={model}", "model.family=qwen_vl",
+                                    "logic.heads=[[1,0],[3,2]]"))
+    line = error_line(log, "logic.heads: [[1, 0]] outside the model's heads: attention layers [3, 7]")
+    assert code == EXIT_NOT_RUN and "× 4 heads" in line and model_loads == []
+
+
+def test_heads_on_layers_the_saved_attention_lacks_are_refused_when_the_model_is_gone(cli, tmp_path, model_loads):
+    """Without the model, a re-box reads the attention layers from meta["layers"] of the first saved file."""
+    model = tmp_path / "toy-llava"
+    shutil.copytree(REPO / "localization_heads" / "models" / "toy-llava", model)
+    data, out = rows_file(tmp_path, good_rows(2)), tmp_path / "out"
+    assert cli(*batch_args(data, out, f"model.name={model}"))[0] == EXIT_OK
+    shutil.rmtree(model)
+    for pkl in folder(out).glob("r?.pkl"):   # as a hybrid model writes them: rows are model layers 1, 3, …, 11
+        record = load_attention(pkl)
+        record["meta"]["layers"] = [2 * i + 1 for i in range(record["attn"].shape[0])]
+        save_attention(pkl, record)
+    with only_writes_into(tmp_path, out):
+        code, log = cli(*batch_args(data, out, f"model.name={model}", "logic.heads=[[2,0]]"))
+    assert code == EXIT_NOT_RUN and error_line(
+        log, "logic.heads: [[2, 0]] outside the model's heads: attention layers [1, 3, 5, 7, 9, 11] (model indices")
 
 
 def test_a_lock_file_that_cannot_be_opened_is_one_line(cli, tmp_path, model_loads):
