@@ -165,3 +165,17 @@ def error_line(log: str, text: str) -> str:
     lines = [line for line in log.splitlines() if text in line]
     assert lines and "Traceback" not in log, log[-3000:]
     return lines[0]
+
+
+def select_and_evaluate(folder: Path, data: Path) -> tuple[dict, dict]:
+    """stage=select then stage=evaluate on the model folder `folder` (the toy): (selected_heads.json,
+    evaluation.json), without the keys that name the folder itself."""
+    from localization_heads import cli as pipeline
+
+    base = ["model=toy", "logic=paper", f"data.output_dir={folder.parent}", f"data.data_file={data}"]
+    pipeline.run(pipeline.compose("stage=select", *base))
+    pipeline.run(pipeline.compose("stage=evaluate", *base))
+    heads = json.loads((folder / "selected_heads.json").read_text())
+    evaluation = json.loads((folder / "evaluation.json").read_text())
+    heads.pop("attention_dir"), evaluation.pop("pred_dir")
+    return heads, evaluation

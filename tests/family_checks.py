@@ -31,6 +31,15 @@ def coord_image(width: int, height: int) -> Image.Image:
     return Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB")
 
 
+def coord_images(folder: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, Path]:
+    """{name: folder/<name>.png}: a coordinate image of each (width, height)."""
+    paths = {}
+    for name, size in sizes.items():
+        paths[name] = folder / f"{name}.png"
+        coord_image(*size).save(paths[name])
+    return paths
+
+
 def model_cfg(path: Path, **overrides):
     return OmegaConf.create({"name": str(path), "device": "cpu", "dtype": "float32", "conv_mode": "auto",
                              "family": "auto", **overrides})
@@ -59,6 +68,51 @@ def assert_capture_equals_eager(fast, eager, images: list[Image.Image], queries:
         assert batched[i]["attn"].shape[-1] == layout.num_tokens == alone["attn"].shape[-1]
         assert layout.image_size == image.size
         torch.testing.assert_close(batched[i]["attn"], alone["attn"], atol=TOL, rtol=0)
+
+
+def assert_generate_equals_eager_step(fast, eager, image: Image.Image, query: str) -> dict:
+    """With use_generate, the record is the attention of the model's first GENERATED token: equal
+    (≤ 1e-5) to eager attention of the model's own first decoding step in `generate` (its KV cache
+    and positions). Returns the record."""
+    (record,) = collect(fast, [image], [query], use_generate=True, gen_kwargs={"max_new_tokens": 2})
+    prepared = eager.prepare([image], [query])
+    with torch.inference_mode():
+        out = eager.model.generate(**prepared.inputs, max_new_tokens=2, do_sample=False, output_attentions=True,
+                                   return_dict_in_generate=True, **eager.generate_kwargs)
+    step = torch.stack([a[0, :, -1].float() for a in out.attentions[1]])     # [L, H, N + 1], query = token 1
+    torch.testing.assert_close(record["attn"], step[:, :, prepared.image_positions[0]].unsqueeze(2), atol=TOL, rtol=0)
+    return record
+
+
+def assert_generate_batch_equals_eager(fast, eager, images: list[Image.Image], queries: list[str]) -> None:
+    """With use_generate on a left-padded batch, each row's first generated token and its attention
+    are the same under the capture and eager (≤ 1e-5)."""
+    gen = {"max_new_tokens": 2, "do_sample": False}
+    ours = collect(fast, images, queries, use_generate=True, gen_kwargs=gen)
+    theirs = collect(eager, images, queries, attn_capture="eager", use_generate=True, gen_kwargs=gen)
+    for a, b in zip(ours, theirs):
+        assert a["meta"]["mode"] == "generate" and a["meta"]["generated_text"] == b["meta"]["generated_text"]
+        torch.testing.assert_close(a["attn"], b["attn"], atol=TOL, rtol=0)
+
+
+def assert_token_k_is_made_of_the_kth_patch_group(model, prepared, group: int, every: int) -> None:
+    """Qwen-style towers (pixel_values [V·group, D] in token order, merged `group` patches a token):
+    with the tower's attention outputs zeroed (the caller does it) every feature is local, so
+    perturbing the k-th group of patch rows changes image token k and no other — for every `every`-th
+    token and the last, in one batch."""
+    pixels, grid_thw = prepared.inputs["pixel_values"], prepared.inputs["image_grid_thw"]   # [V·group, D], [1, 3]
+    num_tokens = prepared.layouts[0].num_tokens
+    tokens = list(range(0, num_tokens, every)) + [num_tokens - 1]
+    copies = [pixels]                        # the image, then one copy per perturbed token
+    for k in tokens:
+        copy = pixels.clone()
+        copy[k * group:(k + 1) * group] += 1.0
+        copies.append(copy)
+    with torch.inference_mode():
+        features = model.model.get_image_features(torch.cat(copies), grid_thw.repeat(len(copies), 1)).pooler_output
+    for k, perturbed in zip(tokens, features[1:]):                              # each [V, D]
+        changed = (perturbed - features[0]).abs().amax(-1) > 1e-6
+        assert changed.nonzero()[:, 0].tolist() == [k]
 
 
 def assert_cli_runs(checkpoint: Path, tmp_path: Path, images: dict[str, Path], overrides: tuple[str, ...] = (),

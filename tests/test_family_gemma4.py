@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from localization_heads.collector import capture_rows, collect
+from localization_heads.collector import capture_rows
 from localization_heads.dataio import InputError
 from localization_heads.families import load_adapter
 from localization_heads.families.gemma4 import Gemma4Adapter
 from localization_heads.families.qwen_vl import torchvision_imports
 from localization_heads.layout import cell_boxes
 from tests import tiny_gemma4
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import assert_generate_batch_equals_eager, assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
 from tests.tiny_vlm import zero_attention_outputs
 
 QUERIES = ["the red circle .", "a cat"]
@@ -124,13 +124,7 @@ def test_cli(checkpoint, tmp_path, images):
 def test_generate_mode_row_equals_eager(pair):
     """The first generated token's row (mm_token_type_ids extended by a text token) is the same under
     capture and eager on a left-padded batch."""
-    fast, eager = pair
-    gen = {"max_new_tokens": 2, "do_sample": False}
-    ours = collect(fast, images(), QUERIES, use_generate=True, gen_kwargs=gen)
-    theirs = collect(eager, images(), QUERIES, attn_capture="eager", use_generate=True, gen_kwargs=gen)
-    for a, b in zip(ours, theirs):
-        assert a["meta"]["mode"] == "generate" and a["meta"]["generated_text"] == b["meta"]["generated_text"]
-        torch.testing.assert_close(a["attn"], b["attn"], atol=1e-5, rtol=0)
+    assert_generate_batch_equals_eager(*pair, images(), QUERIES)
 
 
 def test_a_text_only_checkpoint_or_a_pooling_the_tower_does_not_have_is_refused(checkpoint, tmp_path):

@@ -14,13 +14,14 @@ from transformers import AutoModelForImageTextToText
 from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
 
-from localization_heads.collector import collect
 from localization_heads.dataio import InputError
 from localization_heads.families import load_adapter
 from localization_heads.families.glm4v import PROCESSOR_CLASSES, Glm4vAdapter
 from localization_heads.families.qwen_vl import image_only_processor_class, torchvision_imports
 from localization_heads.layout import cell_boxes
-from tests.family_checks import TOL, assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, assert_generate_equals_eager_step,
+                                 assert_token_k_is_made_of_the_kth_patch_group, coord_image, coord_images, load_pair,
+                                 model_cfg)
 from tests.tiny_vlm import word_tokenizer
 
 # Two non-square images of different sizes → different token counts in one left-padded batch; sides
@@ -156,39 +157,16 @@ def test_image_token_k_is_made_of_the_kth_group_of_patches(checkpoint, pair):
     for block in model.model.visual.blocks:
         torch.nn.init.zeros_(block.attn.proj.weight)
     prepared = fast.prepare([coord_image(*WIDE)], QUERIES[:1])
-    pixels, grid_thw = prepared.inputs["pixel_values"], prepared.inputs["image_grid_thw"]       # [V·m², D], [1, 3]
-    group, num_tokens = MERGE**2, prepared.layouts[0].num_tokens
-    tokens = list(range(0, num_tokens, 3)) + [num_tokens - 1]
-    copies = [pixels]
-    for k in tokens:
-        copy = pixels.clone()
-        copy[k * group:(k + 1) * group] += 1.0
-        copies.append(copy)
-    with torch.inference_mode():
-        features = model.model.get_image_features(torch.cat(copies), grid_thw.repeat(len(copies), 1)).pooler_output
-    for k, perturbed in zip(tokens, features[1:]):                                             # each [V, D]
-        changed = (perturbed - features[0]).abs().amax(-1) > 1e-6
-        assert changed.nonzero()[:, 0].tolist() == [k]
+    assert_token_k_is_made_of_the_kth_patch_group(model, prepared, MERGE ** 2, every=3)
 
 
 def test_generate_mode_captures_the_first_generated_token(pair):
     """The record equals eager attention of the model's own first decoding step (its 3-D positions)."""
-    fast, eager = pair
-    image, query = images()[0], QUERIES[0]
-    (record,) = collect(fast, [image], [query], use_generate=True, gen_kwargs={"max_new_tokens": 2})
-    prepared = eager.prepare([image], [query])
-    with torch.inference_mode():
-        out = eager.model.generate(**prepared.inputs, max_new_tokens=2, do_sample=False, output_attentions=True,
-                                   return_dict_in_generate=True, **eager.generate_kwargs)
-    step = torch.stack([a[0, :, -1].float() for a in out.attentions[1]])     # [L, H, N + 1]
-    torch.testing.assert_close(record["attn"], step[:, :, prepared.image_positions[0]].unsqueeze(2), atol=TOL, rtol=0)
+    assert_generate_equals_eager_step(*pair, images()[0], QUERIES[0])
 
 
 def test_cli_pipeline_and_batch(checkpoint, tmp_path):
-    paths = {}
-    for name, size in (("wide", WIDE), ("tall", TALL)):
-        paths[name] = tmp_path / f"{name}.png"
-        coord_image(*size).save(paths[name])
+    paths = coord_images(tmp_path, {"wide": WIDE, "tall": TALL})
     assert_cli_runs(checkpoint, tmp_path / "out", paths)
 
 

@@ -14,7 +14,8 @@ from localization_heads.dataio import InputError
 from localization_heads.families import load_adapter
 from localization_heads.families.qwen_vl import torchvision_imports
 from localization_heads.layout import cell_boxes
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, coord_image, coord_images, load_pair,
+                                 model_cfg)
 
 # A large image (split into 3 × 2 tiles of 512 px plus a 20 × 12 thumbnail) and a small one (one 11 × 7 view).
 LARGE, SMALL = (1000, 600), (250, 150)
@@ -94,10 +95,7 @@ def test_every_cell_covers_the_pixels_the_processor_fed_into_its_token(pair):
 
 @needs_torchvision
 def test_cli_pipeline_and_batch(checkpoint, tmp_path):
-    paths = {}
-    for name, size in (("large", LARGE), ("small", SMALL)):
-        paths[name] = tmp_path / f"{name}.png"
-        coord_image(*size).save(paths[name])
+    paths = coord_images(tmp_path, {"large": LARGE, "small": SMALL})
     assert_cli_runs(checkpoint, tmp_path / "out", paths)
 
 

@@ -17,7 +17,8 @@ from localization_heads.dataio import InputError
 from localization_heads.families import load_adapter
 from localization_heads.families.llama4 import Llama4Adapter, canvas_resize
 from localization_heads.families.qwen_vl import torchvision_imports
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, coord_image, coord_images, load_pair,
+                                 model_cfg)
 from localization_heads.layout import cell_boxes
 from tests.tiny_vlm import word_tokenizer, zero_attention_outputs
 
@@ -206,10 +207,7 @@ def test_generate_mode_captures_the_first_generated_token(pair):
 
 @needs_torchvision
 def test_cli_pipeline_and_batch(checkpoint, tmp_path):
-    paths = {}
-    for name, size in (("wide", WIDE), ("tall", TALL)):
-        paths[name] = tmp_path / f"{name}.png"
-        coord_image(*size).save(paths[name])
+    paths = coord_images(tmp_path, {"wide": WIDE, "tall": TALL})
     assert_cli_runs(checkpoint, tmp_path / "out", paths)
 
 

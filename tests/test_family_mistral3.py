@@ -11,12 +11,11 @@ import torch
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-from localization_heads.collector import collect
 from localization_heads.dataio import InputError
 from localization_heads.families import load_adapter
 from localization_heads.families.mistral3 import Mistral3Adapter
 from localization_heads.families.qwen_vl import torchvision_imports
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import assert_generate_batch_equals_eager, assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
 from tests.tiny_vlm import assert_layout_matches_trace, traced_cell_boxes, word_tokenizer, zero_attention_outputs
 
 # Patch 4 px, 2×2 merging → a token is 8×8 px of the resized image; images are scaled down to fit
@@ -122,13 +121,7 @@ def test_cli(checkpoint, tmp_path, images):
 
 
 def test_generate_mode_row_equals_eager(pair):
-    fast, eager = pair
-    gen = {"max_new_tokens": 2, "do_sample": False}
-    ours = collect(fast, images(), QUERIES, use_generate=True, gen_kwargs=gen)
-    theirs = collect(eager, images(), QUERIES, attn_capture="eager", use_generate=True, gen_kwargs=gen)
-    for a, b in zip(ours, theirs):
-        assert a["meta"]["mode"] == "generate" and a["meta"]["generated_text"] == b["meta"]["generated_text"]
-        torch.testing.assert_close(a["attn"], b["attn"], atol=1e-5, rtol=0)
+    assert_generate_batch_equals_eager(*pair, images(), QUERIES)
 
 
 def test_a_checkpoint_whose_image_token_the_tokenizer_does_not_know_is_refused(checkpoint, tmp_path):

@@ -18,7 +18,8 @@ from localization_heads.collector import capture_rows, collect
 from localization_heads.dataio import InputError
 from localization_heads.layout import cell_boxes
 from tests import tiny_qwen
-from tests.family_checks import (TOL, assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair,
+from tests.family_checks import (TOL, assert_capture_equals_eager, assert_cli_runs, assert_generate_equals_eager_step,
+                                 assert_token_k_is_made_of_the_kth_patch_group, coord_image, coord_images, load_pair,
                                  model_cfg)
 
 # Two non-square images of different sizes → different token counts in one left-padded batch. Sides
@@ -163,43 +164,19 @@ def test_the_vision_tower_keeps_the_order_of_the_pixel_values(checkpoint, pair):
         torch.nn.init.zeros_(block.attn.proj.weight)
         torch.nn.init.zeros_(block.attn.proj.bias)
     prepared = fast.prepare([coord_image(*WIDE)], QUERIES[:1])
-    pixels, grid_thw = prepared.inputs["pixel_values"], prepared.inputs["image_grid_thw"]   # [V·m², D], [1, 3]
-    group = fast.merge ** 2
-    num_tokens = prepared.layouts[0].num_tokens
-    tokens = list(range(0, num_tokens, 4)) + [num_tokens - 1]
-    copies = [pixels]                        # the image, then one copy per perturbed token, as one batch
-    for k in tokens:
-        copy = pixels.clone()
-        copy[k * group:(k + 1) * group] += 1.0
-        copies.append(copy)
-    with torch.inference_mode():
-        features = model.model.get_image_features(torch.cat(copies), grid_thw.repeat(len(copies), 1)).pooler_output
-    for k, perturbed in zip(tokens, features[1:]):                              # each [V, D]
-        changed = (perturbed - features[0]).abs().amax(-1) > 1e-6
-        assert changed.nonzero()[:, 0].tolist() == [k]
+    assert_token_k_is_made_of_the_kth_patch_group(model, prepared, fast.merge ** 2, every=4)
 
 
 def test_generate_mode_captures_the_first_generated_token(pair):
     """The record's row equals eager attention of the model's own first decoding step (KV cache,
     its own M-RoPE positions) — which needs mm_token_type_ids extended by the appended token."""
     fast, eager = pair
-    image, query = images()[0], QUERIES[0]
-    (record,) = collect(fast, [image], [query], use_generate=True, gen_kwargs={"max_new_tokens": 2})
+    record = assert_generate_equals_eager_step(fast, eager, images()[0], QUERIES[0])
     assert record["meta"]["mode"] == "generate" and isinstance(record["meta"]["generated_text"], str)
-    prepared = eager.prepare([image], [query])
-    with torch.inference_mode():
-        out = eager.model.generate(**prepared.inputs, max_new_tokens=2, do_sample=False, output_attentions=True,
-                                   return_dict_in_generate=True, **eager.generate_kwargs)
-    step = torch.stack([a[0, :, -1].float() for a in out.attentions[1]])     # [L, H, N + 1], query = token 1
-    expected = step[:, :, prepared.image_positions[0]].unsqueeze(2)           # [L, H, 1, V]
-    torch.testing.assert_close(record["attn"], expected, atol=TOL, rtol=0)
 
 
 def test_cli_pipeline_and_batch(checkpoint, tmp_path):
-    paths = {}
-    for name, size in (("wide", WIDE), ("tall", TALL)):
-        paths[name] = tmp_path / f"{name}.png"
-        coord_image(*size).save(paths[name])
+    paths = coord_images(tmp_path, {"wide": WIDE, "tall": TALL})
     assert_cli_runs(checkpoint, tmp_path / "out", paths)
 
 

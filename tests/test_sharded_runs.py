@@ -13,6 +13,7 @@ import torch
 
 from localization_heads import cli as pipeline
 from localization_heads.collector import load_attention
+from tests.cli_runs import select_and_evaluate
 from tests.conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,15 +85,7 @@ def test_shards_share_one_failure_list(runs):
 
 def test_select_and_evaluate_read_the_union(runs, data):
     sharded, plain, _ = runs
-    results = {}
-    for name, folder in (("sharded", sharded), ("plain", plain)):
-        base = ["model=toy", "logic=paper", f"data.output_dir={folder.parent}", f"data.data_file={data}"]
-        pipeline.run(pipeline.compose("stage=select", *base))
-        pipeline.run(pipeline.compose("stage=evaluate", *base))
-        heads = json.loads((folder / "selected_heads.json").read_text())
-        evaluation = json.loads((folder / "evaluation.json").read_text())
-        heads.pop("attention_dir"), evaluation.pop("pred_dir")
-        results[name] = heads, evaluation
+    results = {name: select_and_evaluate(folder, data) for name, folder in (("sharded", sharded), ("plain", plain))}
     assert results["sharded"] == results["plain"]
     heads, evaluation = results["sharded"]
     assert heads["n_samples"] == 12 and evaluation["n"] == 13

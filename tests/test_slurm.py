@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from localization_heads import cli as pipeline
+from tests.cli_runs import select_and_evaluate
 from tests.conftest import write_jsonl
 from tests.test_sharded_runs import ARGS, EXAMPLES, per_id_files, same_box_file
 
@@ -93,15 +94,7 @@ def test_slurm_shards_write_what_one_run_writes(runs):
 
 def test_select_and_evaluate_read_the_union_of_slurm_shards(runs):
     sharded, plain, data, _ = runs
-    results = {}
-    for name, folder in (("sharded", sharded), ("plain", plain)):
-        base = ["model=toy", "logic=paper", f"data.output_dir={folder.parent}", f"data.data_file={data}"]
-        pipeline.run(pipeline.compose("stage=select", *base))
-        pipeline.run(pipeline.compose("stage=evaluate", *base))
-        heads = json.loads((folder / "selected_heads.json").read_text())
-        evaluation = json.loads((folder / "evaluation.json").read_text())
-        heads.pop("attention_dir"), evaluation.pop("pred_dir")
-        results[name] = heads, evaluation
+    results = {name: select_and_evaluate(folder, data) for name, folder in (("sharded", sharded), ("plain", plain))}
     assert results["sharded"] == results["plain"]
     assert results["sharded"][0]["n_samples"] == 12 and results["sharded"][1]["n"] == 13
 
