@@ -42,17 +42,25 @@ def write_checkpoint(out: Path, *, max_patches: int = 6) -> Path:
     text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    config = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=SEQ,
+    return save_checkpoint(out, tok, vision, text, seq=SEQ, max_patches=max_patches)
+
+
+def save_checkpoint(out: Path, tok, vision: InternVLVisionConfig, text, *, seq: int, max_patches: int,
+                    **image_settings) -> Path:
+    """The hub's InternVL file set: model, tokenizer, GotOcr2 preprocessor (tiles of the vision tower's
+    image size, crop_to_patches saved false as the hub saves it), processor and video processor configs."""
+    tile = vision.image_size[0]
+    config = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=seq,
                             image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
                             vision_feature_layer=-1, vision_feature_select_strategy="default")
     InternVLForConditionalGeneration(config).save_pretrained(out)
     tok.save_pretrained(out)
-    GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=False, min_patches=1,
-                             max_patches=max_patches).save_pretrained(out)
-    (out / "processor_config.json").write_text(json.dumps({"image_seq_length": SEQ, "processor_class": "InternVLProcessor"}))
+    GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=False, min_patches=1,
+                             max_patches=max_patches, **image_settings).save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps({"image_seq_length": seq, "processor_class": "InternVLProcessor"}))
     (out / "video_preprocessor_config.json").write_text(json.dumps(
         {"video_processor_type": "InternVLVideoProcessor", "processor_class": "InternVLProcessor",
-         "size": {"height": TILE, "width": TILE}}))
+         "size": {"height": tile, "width": tile}}))
     return out
 
 

@@ -4,19 +4,17 @@ adapter: a tiny random InternVLForConditionalGeneration with a Qwen3 text model 
 thumbnail when there is more than one tile; crop_to_patches saved false, turned on by the processor's default)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import (InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen3Config)
-from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers import InternVLVisionConfig, Qwen3Config
 
 from localization_heads.families import load_adapter
 from localization_heads.families.internvl import InternVLAdapter
 from tests.family_checks import assert_capture_equals_eager, coord_image, load_pair, model_cfg
-from tests.test_family_internvl import CHAT_TEMPLATE
+from tests.test_family_internvl import CHAT_TEMPLATE, save_checkpoint
 from tests.tiny_vlm import assert_layout_matches_trace, word_tokenizer
 
 # InternVL3.5-8B-HF: vision image_size 448, patch 14, downsample_ratio 0.5, image_seq_length 256; the
@@ -35,19 +33,8 @@ def write_checkpoint(out: Path) -> Path:
     text = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    config = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=SEQ,
-                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
-                            vision_feature_layer=-1, vision_feature_select_strategy="default")
-    InternVLForConditionalGeneration(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=False, min_patches=1,
-                             max_patches=MAX_PATCHES, image_mean=IMAGENET_MEAN,
-                             image_std=IMAGENET_STD).save_pretrained(out)
-    (out / "processor_config.json").write_text(json.dumps({"image_seq_length": SEQ, "processor_class": "InternVLProcessor"}))
-    (out / "video_preprocessor_config.json").write_text(json.dumps(
-        {"video_processor_type": "InternVLVideoProcessor", "processor_class": "InternVLProcessor",
-         "size": {"height": TILE, "width": TILE}}))
-    return out
+    return save_checkpoint(out, tok, vision, text, seq=SEQ, max_patches=MAX_PATCHES, image_mean=IMAGENET_MEAN,
+                           image_std=IMAGENET_STD)
 
 
 @pytest.fixture(scope="module")
