@@ -17,6 +17,7 @@ classes' defaults (pixel ranges, tile limits, pinpoints). This check asks the mo
 3. A cell token is hit when its input embedding moved by more than CHANGED of the largest move in its
    map. In every map, every hit cell must lie within one cell of the painted rectangle, and the target
    cell itself must be hit. A transposed grid, a one-cell shift or swapped tiles fail both ways.
+   When no rectangle moves any token at all, there is nothing to judge: the check raises.
 
 One line per view (image size, view, rectangles aimed at it, cells hit, cells the rectangles overlap,
 cells misplaced); the stage exits 0 when nothing is misplaced, 2 otherwise.
@@ -211,13 +212,22 @@ def check_image(adapter: Adapter, image: Image.Image, batch_size: int = 4) -> li
         floor = NOISE * float(reference.norm(dim=-1).median())
         results = {view_name(m.name): ViewResult(image.size, view_name(m.name)) for m in layout.maps}
         aims = targets(layout)
+        largest = 0.0
         for start in range(0, len(aims), batch_size):
             chunk = aims[start: start + batch_size]
             prepared = adapter.prepare([paint(image, t.box) for t in chunk], [QUERY] * len(chunk))
             for target, row_layout, embeds in zip(chunk, prepared.layouts, image_embeddings(adapter, prepared)):
                 if row_layout != layout:
                     raise RuntimeError(f"painting changed the layout of a {image.size} image")
-                judge(layout, target, (embeds - reference).norm(dim=-1).numpy(), floor, results)
+                moved = (embeds - reference).norm(dim=-1).numpy()                     # [V]
+                largest = max(largest, float(moved.max()))
+                judge(layout, target, moved, floor, results)
+        # Nothing moved at all says nothing about the layout: without this, every view would read as misplaced.
+        if aims and largest <= floor:
+            raise RuntimeError(f"no painted rectangle moved any image token of a {image.size} image (largest move "
+                               f"{largest:.3g}, noise floor {floor:.3g}): the image features do not reach "
+                               f"{type(adapter.embedding_module()).__name__}'s inputs_embeds, or are negligible "
+                               "next to the token embeddings they are added to")
     return list(results.values())
 
 

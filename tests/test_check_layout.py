@@ -87,12 +87,13 @@ FAMILIES = {
     "lfm2_vl": (_built_by("tests.tiny_lfm2_vl"), {}),
     "gemma4": (_built_by("tests.tiny_gemma4"), {}),
     "mistral3": (_built_by("tests.test_family_mistral3"), {}),
+    "molmo2": (_built_by("tests.test_family_molmo2"), {}),
 }
-# Not here: Molmo2, whose painted rectangles move no image token at all with the vision attention zeroed
-# (open: docs/check_layout.md). Its geometry is traced through the model in tests/test_family_molmo2.py.
 # Their image processors exist only on the torchvision backend: checked in CI's torchvision environment.
 NEEDS_TORCHVISION = ("llama4", "lfm2_vl")
 # Families whose images can have two views of the same grid (tiles, crops), whose tokens can be swapped.
+# Not Molmo2: its low- and high-res grids are equal only for a one-crop image, where both views cover the
+# same pixels cell for cell, so swapping them is no error.
 TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm")
 
 
@@ -229,6 +230,19 @@ def test_the_vision_tower_is_local_only_inside_the_check(tmp_path):
         after = moved()
     assert calls and inside.nonzero().flatten().tolist() == [0]
     assert before.all() and torch.equal(before, after)
+
+
+def test_image_features_that_reach_no_embedding_are_an_error_not_a_misplaced_layout(hf_checkpoint):
+    """When painting moves no token at all (features never merged, or negligible next to the token
+    embeddings they are added to), the check says so instead of calling every view misplaced."""
+    adapter = load_adapter(model_cfg(hf_checkpoint))
+    projector = adapter.model.model.multi_modal_projector
+    handle = projector.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    try:
+        with pytest.raises(RuntimeError, match="no painted rectangle moved any image token"):
+            check_image(adapter, builtin_image().resize((160, 120)))
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------- the stage

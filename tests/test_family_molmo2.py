@@ -47,8 +47,13 @@ def write_checkpoint(out: Path) -> Path:
     ids = tok.convert_tokens_to_ids
     vision = Molmo2VisionConfig(image_size=[CROP, CROP], patch_size=PATCH, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8)
+    # The image adapter (pooling attention, then a SwiGLU projector: five matrices, quadratic in its input) at the
+    # default init std 0.02 shrinks the features to ~1e-8, below float32's resolution of the ~0.02 placeholder
+    # embeddings they are added to: no pixel would move the language model's input (stage=check_layout). At
+    # std 0.2 they are about as large as the token embeddings, as in a trained model.
     adapter = Molmo2AdapterConfig(vision_feature_layer=[-1, -2], hidden_size=32, num_attention_heads=4,
-                                  num_key_value_heads=4, head_dim=8, intermediate_size=64, text_hidden_size=64)
+                                  num_key_value_heads=4, head_dim=8, intermediate_size=64, text_hidden_size=64,
+                                  initializer_range=0.2)
     text = Molmo2TextConfig(vocab_size=len(tok), additional_vocab_size=0, hidden_size=64, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=16, num_hidden_layers=3, intermediate_size=128,
                             max_position_embeddings=1024)
