@@ -87,6 +87,9 @@ FAMILIES = {
     "lfm2_vl": (_built_by("tests.tiny_lfm2_vl"), {}),
     "gemma4": (_built_by("tests.tiny_gemma4"), {}),
     "mistral3": (_built_by("tests.test_family_mistral3"), {}),
+    "deepseek_vl": (_built_by("tests.test_family_deepseek_vl", "deepseek_vl"), {}),
+    "deepseek_vl_hybrid": (_built_by("tests.test_family_deepseek_vl", "deepseek_vl_hybrid"), {}),
+    "janus": (_built_by("tests.test_family_janus"), {}),
 }
 # Not here: Molmo2, whose painted rectangles move no image token at all with the vision attention zeroed
 # (open: docs/check_layout.md). Its geometry is traced through the model in tests/test_family_molmo2.py.
