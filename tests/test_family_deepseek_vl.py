@@ -174,8 +174,8 @@ def test_every_cell_inside_the_image_covers_the_pixels_its_token_is_made_of(chec
 
 def test_hybrid_high_res_features_are_centred_in_their_cell(checkpoint):
     """The SAM branch (attention outputs zeroed): the high-res pixels that reach each token's features
-    (3.5 cells wide after the neck, the resize and two stride-2 convolutions) are centred inside its
-    own cell — a quarter cell up and left of its centre, from the stride-2 convolutions."""
+    (3.5 cells wide here, after the neck, the resize and two stride-2 convolutions) are centred inside
+    its own cell — here a quarter cell up and left of its centre, from the stride-2 convolutions."""
     adapter = load_adapter(model_cfg(checkpoint))
     if adapter.model_type != "deepseek_vl_hybrid":
         pytest.skip("one tower")

@@ -12,13 +12,15 @@ Hybrid: the image is padded to square at the high resolution (high_res_size, 102
 encoder, and that square is resized to the SigLIP side for the low-resolution tower: both see the same
 square. The SAM features (64×64 at 1024/16, plus its global-attention layer's through a second neck,
 weighted by high_res_vision_alpha) are resized bilinearly to 4·24 and brought to 24×24 by two stride-2
-3×3 convolutions — symmetric, so each high-res feature is centred on the same cell as the SigLIP token
-it is concatenated with. One token per cell: the layout is the same single map.
+3×3 convolutions, then concatenated per cell with the SigLIP token. One token per cell: the layout is the
+same single map, on the SigLIP cell. The SAM half reads a wider, shifted area: about 3 cells of the square,
+centred ¼ to ½ cell up and left of the cell (each stride-2 convolution centres output i on input 2i, not
+2i + ½; measured at the released sizes 1024/16 → 24², tiny widths).
 vision_token_mixers: the attention modules of both towers (SAM's windowed and global attention mix
 patches across the image). The convolutions after them are local but reach about 1.5 cells around a
 cell, more than stage=check_layout's one-cell tolerance, so their output (high_res_vision_proj, the
-last module of the high-res branch) is zeroed too: the check then proves the SigLIP branch's cells,
-and tests/test_family_deepseek_vl.py traces the high-res branch through the model on its own.
+last module of the high-res branch) is zeroed too: the check then proves the SigLIP branch's cells;
+the SAM branch's placement depends only on the architecture and is traced in tests/test_family_deepseek_vl.py.
 
 Prompt: the checkpoint's chat template (a system sentence, then "User: <image_placeholder>{expression}
 \\n\\nAssistant:"); the query token is the expression's last token (model.query_at=generation_prompt:
