@@ -88,6 +88,9 @@ FAMILIES = {
     "gemma4": (_built_by("tests.tiny_gemma4"), {}),
     "mistral3": (_built_by("tests.test_family_mistral3"), {}),
     "molmo2": (_built_by("tests.test_family_molmo2"), {}),
+    "deepseek_vl": (_built_by("tests.test_family_deepseek_vl", "deepseek_vl"), {}),
+    "deepseek_vl_hybrid": (_built_by("tests.test_family_deepseek_vl", "deepseek_vl_hybrid"), {}),
+    "janus": (_built_by("tests.test_family_janus"), {}),
 }
 # Their image processors exist only on the torchvision backend: checked in CI's torchvision environment.
 NEEDS_TORCHVISION = ("llama4", "lfm2_vl")

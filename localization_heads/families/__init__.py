@@ -33,6 +33,8 @@ FAMILIES = {
     "lfm2_vl": "localization_heads.families.lfm2_vl:Lfm2VlAdapter",
     "gemma4": "localization_heads.families.gemma4:Gemma4Adapter",
     "mistral3": "localization_heads.families.mistral3:Mistral3Adapter",
+    "deepseek_vl": "localization_heads.families.deepseek_vl:DeepseekVLAdapter",
+    "janus": "localization_heads.families.janus:JanusAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -58,6 +60,9 @@ MODEL_TYPES = {
     "lfm2_vl": "lfm2_vl",
     "gemma4": "gemma4",
     "mistral3": "mistral3",
+    "deepseek_vl": "deepseek_vl",
+    "deepseek_vl_hybrid": "deepseek_vl",
+    "janus": "janus",
 }
 
 
