@@ -87,6 +87,7 @@ FAMILIES = {
     "lfm2_vl": (_built_by("tests.tiny_lfm2_vl"), {}),
     "gemma4": (_built_by("tests.tiny_gemma4"), {}),
     "mistral3": (_built_by("tests.test_family_mistral3"), {}),
+    "ovis2_5": (_built_by("tests.test_family_ovis2_5"), {}),
 }
 # Not here: Molmo2, whose painted rectangles move no image token at all with the vision attention zeroed
 # (open: docs/check_layout.md). Its geometry is traced through the model in tests/test_family_molmo2.py.

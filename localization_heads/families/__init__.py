@@ -33,6 +33,8 @@ FAMILIES = {
     "lfm2_vl": "localization_heads.families.lfm2_vl:Lfm2VlAdapter",
     "gemma4": "localization_heads.families.gemma4:Gemma4Adapter",
     "mistral3": "localization_heads.families.mistral3:Mistral3Adapter",
+    "minicpmv4_6": "localization_heads.families.minicpmv4_6:MiniCPMV4_6Adapter",
+    "ovis2_5": "localization_heads.families.ovis2_5:Ovis2_5Adapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -58,6 +60,8 @@ MODEL_TYPES = {
     "lfm2_vl": "lfm2_vl",
     "gemma4": "gemma4",
     "mistral3": "mistral3",
+    "minicpmv4_6": "minicpmv4_6",
+    "ovis2_5": "ovis2_5",
 }
 
 
