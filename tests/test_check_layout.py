@@ -88,6 +88,7 @@ FAMILIES = {
     "gemma4": (_built_by("tests.tiny_gemma4"), {}),
     "mistral3": (_built_by("tests.test_family_mistral3"), {}),
     "ovis2_5": (_built_by("tests.test_family_ovis2_5"), {}),
+    "minicpmv4_6": (_built_by("tests.test_family_minicpmv4_6"), {}),
 }
 # Not here: Molmo2, whose painted rectangles move no image token at all with the vision attention zeroed
 # (open: docs/check_layout.md). Its geometry is traced through the model in tests/test_family_molmo2.py.
