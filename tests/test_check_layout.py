@@ -95,7 +95,7 @@ FAMILIES = {
 # Their image processors exist only on the torchvision backend: checked in CI's torchvision environment.
 NEEDS_TORCHVISION = ("llama4", "lfm2_vl")
 # Families whose images can have two views of the same grid (tiles, crops), whose tokens can be swapped.
-TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm")
+TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm", "minicpmv4_6")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
