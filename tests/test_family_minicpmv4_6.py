@@ -64,6 +64,9 @@ def write_checkpoint(out: Path) -> Path:
     image_processor = MiniCPMV4_6ImageProcessorPil(patch_size=PATCH, scale_resolution=SCALE, max_slice_nums=MAX_SLICES)
     ImageOnlyMiniCPMV4_6Processor(image_processor=image_processor, tokenizer=tok,
                                   chat_template=CHAT_TEMPLATE).save_pretrained(out)
+    for name in ("processor_config.json", "tokenizer_config.json"):   # the stock class, as the hub names it
+        path = out / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "MiniCPMV4_6Processor"}, indent=2))
     # The stock processor (where torchvision exists) also loads a video processor: its settings, as the hub has them.
     (out / "video_preprocessor_config.json").write_text(json.dumps(
         {"video_processor_type": "MiniCPMV4_6VideoProcessor", "patch_size": PATCH, "scale_resolution": SCALE,

@@ -6,8 +6,7 @@ text_config / vision_config); it is refused at load with what to use instead.
 Vision: a NaViT-like SigLIP2 tower at native resolution. The image processor's smart_resize stretches the
 whole image to multiples of patch·merge (16·2 = 32 px) within a pixel range, each side rounded on its own
 (sides under 32 px are first scaled up to 32, aspect ratios over 200 clamped: still the whole image), and
-packs the patches merge×merge block by block, blocks in raster order. The tower reorders them into windows
-internally and restores that order; the visual tokenizer then turns each block of merge² patches into one
+packs the patches merge×merge block by block, blocks in raster order. The visual tokenizer turns each block of merge² patches into one
 probabilistic visual token (a softmax over a visual vocabulary, embedded through the visual embedding
 table): rows × cols = image_grid_thw h / merge × w / merge tokens, one map over [0, 0, W, H] — Qwen2-VL's
 layout (families/qwen_vl.py) — but not necessarily in raster order. The tower regroups the blocks window
@@ -29,7 +28,6 @@ with the expression's last token (model.query_at=generation_prompt: the end of "
 from __future__ import annotations
 
 import torch
-
 from PIL import Image
 from transformers.vision_utils import get_vision_window_index
 
@@ -91,11 +89,14 @@ def token_order(adapter: Ovis2_5Adapter) -> str:
     pixels = torch.randn(int(grid_thw.prod()), patch_dim, generator=generator)
     painted = pixels.clone()
     painted[side * merge**2:(side + 1) * merge**2] += 1.0           # block (0, side): raster index `side`
-    tower = adapter.model.model.vision_tower
-    both = torch.cat([pixels, painted]).to(tower.embeddings.patch_embedding.weight.device, adapter.dtype)
+    embed = adapter.model.model.vision_tower.embeddings.patch_embedding
+    hook = getattr(embed, "_hf_hook", None)                         # a device map runs it where its hook says
+    device = getattr(hook, "execution_device", None) or embed.weight.device
+    both = torch.cat([pixels, painted]).to(device, adapter.dtype)
     with torch.inference_mode(), local_vision(adapter):
-        first, second = adapter.model.model.get_image_features(both, grid_thw.repeat(2, 1).to(both.device)).pooler_output
-    moved = ((second - first).float().abs().amax(-1) > 0).nonzero()[:, 0].tolist()
+        first, second = adapter.model.model.get_image_features(both, grid_thw.repeat(2, 1).to(device)).pooler_output
+    change = (second - first).float().abs().amax(-1)                # [tokens]
+    moved = (change > 0.01 * change.max()).nonzero()[:, 0].tolist()  # rounding noise of 16-bit weights stays below
     if moved == [side]:
         return "raster"
     if moved == [side * side]:
