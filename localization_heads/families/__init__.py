@@ -35,6 +35,8 @@ FAMILIES = {
     "mistral3": "localization_heads.families.mistral3:Mistral3Adapter",
     "deepseek_vl": "localization_heads.families.deepseek_vl:DeepseekVLAdapter",
     "janus": "localization_heads.families.janus:JanusAdapter",
+    "minicpmv4_6": "localization_heads.families.minicpmv4_6:MiniCPMV4_6Adapter",
+    "ovis2_5": "localization_heads.families.ovis2_5:Ovis2_5Adapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -63,6 +65,8 @@ MODEL_TYPES = {
     "deepseek_vl": "deepseek_vl",
     "deepseek_vl_hybrid": "deepseek_vl",
     "janus": "janus",
+    "minicpmv4_6": "minicpmv4_6",
+    "ovis2_5": "ovis2_5",
 }
 
 
