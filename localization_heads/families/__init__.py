@@ -34,6 +34,7 @@ FAMILIES = {
     "gemma4": "localization_heads.families.gemma4:Gemma4Adapter",
     "mistral3": "localization_heads.families.mistral3:Mistral3Adapter",
     "cohere2_vision": "localization_heads.families.cohere2_vision:Cohere2VisionAdapter",
+    "phi4_multimodal": "localization_heads.families.phi4_multimodal:Phi4MultimodalAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -60,6 +61,7 @@ MODEL_TYPES = {
     "gemma4": "gemma4",
     "mistral3": "mistral3",
     "cohere2_vision": "cohere2_vision",
+    "phi4_multimodal": "phi4_multimodal",
 }
 
 
