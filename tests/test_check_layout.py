@@ -88,11 +88,12 @@ FAMILIES = {
     "gemma4": (_built_by("tests.tiny_gemma4"), {}),
     "mistral3": (_built_by("tests.test_family_mistral3"), {}),
     "cohere2_vision": (_built_by("tests.test_family_cohere2_vision"), {}),
+    "phi4_multimodal": (_built_by("tests.test_family_phi4_multimodal"), {}),
 }
 # Not here: Molmo2, whose painted rectangles move no image token at all with the vision attention zeroed
 # (open: docs/check_layout.md). Its geometry is traced through the model in tests/test_family_molmo2.py.
 # Their image processors exist only on the torchvision backend: checked in CI's torchvision environment.
-NEEDS_TORCHVISION = ("llama4", "lfm2_vl", "cohere2_vision")
+NEEDS_TORCHVISION = ("llama4", "lfm2_vl", "cohere2_vision", "phi4_multimodal")
 # Families whose images can have two views of the same grid (tiles, crops), whose tokens can be swapped.
 TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm", "cohere2_vision")
 
