@@ -81,7 +81,7 @@ def image_embeddings(adapter: Adapter, prepared: Prepared) -> list[torch.Tensor]
     module = adapter.embedding_module()
 
     def stop(mod, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
+        embeds = kwargs.get("inputs_embeds", args[0] if args else None)
         if embeds is None:
             raise RuntimeError(f"{type(mod).__name__} was called without inputs_embeds; the family must name the "
                                "module that receives the merged image features (Adapter.embedding_module)")

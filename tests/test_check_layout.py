@@ -93,13 +93,15 @@ FAMILIES = {
     "janus": (_built_by("tests.test_family_janus"), {}),
     "ovis2_5": (_built_by("tests.test_family_ovis2_5"), {}),
     "minicpmv4_6": (_built_by("tests.test_family_minicpmv4_6"), {}),
+    "cohere2_vision": (_built_by("tests.test_family_cohere2_vision"), {}),
+    "phi4_multimodal": (_built_by("tests.test_family_phi4_multimodal"), {}),
 }
 # Their image processors exist only on the torchvision backend: checked in CI's torchvision environment.
-NEEDS_TORCHVISION = ("llama4", "lfm2_vl")
+NEEDS_TORCHVISION = ("llama4", "lfm2_vl", "cohere2_vision", "phi4_multimodal")
 # Families whose images can have two views of the same grid (tiles, crops), whose tokens can be swapped.
 # Not Molmo2: its low- and high-res grids are equal only for a one-crop image, where both views cover the
 # same pixels cell for cell, so swapping them is no error.
-TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm", "minicpmv4_6")
+TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm", "minicpmv4_6", "cohere2_vision")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -37,6 +37,8 @@ FAMILIES = {
     "janus": "localization_heads.families.janus:JanusAdapter",
     "minicpmv4_6": "localization_heads.families.minicpmv4_6:MiniCPMV4_6Adapter",
     "ovis2_5": "localization_heads.families.ovis2_5:Ovis2_5Adapter",
+    "cohere2_vision": "localization_heads.families.cohere2_vision:Cohere2VisionAdapter",
+    "phi4_multimodal": "localization_heads.families.phi4_multimodal:Phi4MultimodalAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -67,6 +69,8 @@ MODEL_TYPES = {
     "janus": "janus",
     "minicpmv4_6": "minicpmv4_6",
     "ovis2_5": "ovis2_5",
+    "cohere2_vision": "cohere2_vision",
+    "phi4_multimodal": "phi4_multimodal",
 }
 
 

@@ -104,8 +104,8 @@ class Adapter:
 
     def embedding_module(self) -> torch.nn.Module:
         """The module whose forward receives the language model's input embeddings, image features
-        merged, as `inputs_embeds` (stage=check_layout reads the image tokens there). Default: the
-        model's decoder (get_decoder())."""
+        merged, as `inputs_embeds` or as its first positional argument (stage=check_layout reads the image
+        tokens there). Default: the model's decoder (get_decoder())."""
         return self.model.get_decoder()
 
     def decode_generated(self, sequences: torch.Tensor, prepared: Prepared) -> list[str]:
