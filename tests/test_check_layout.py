@@ -87,11 +87,14 @@ FAMILIES = {
     "lfm2_vl": (_built_by("tests.tiny_lfm2_vl"), {}),
     "gemma4": (_built_by("tests.tiny_gemma4"), {}),
     "mistral3": (_built_by("tests.test_family_mistral3"), {}),
+    "gemma3n": (_built_by("tests.tiny_gemma3n"), {}),
 }
 # Not here: Molmo2, whose painted rectangles move no image token at all with the vision attention zeroed
 # (open: docs/check_layout.md). Its geometry is traced through the model in tests/test_family_molmo2.py.
 # Their image processors exist only on the torchvision backend: checked in CI's torchvision environment.
 NEEDS_TORCHVISION = ("llama4", "lfm2_vl")
+# Their vision towers are built by timm (which imports torchvision): checked where timm is installed.
+NEEDS_TIMM = ("gemma3n",)
 # Families whose images can have two views of the same grid (tiles, crops), whose tokens can be swapped.
 TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm")
 
@@ -100,6 +103,8 @@ TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm")
 def adapter(request, tmp_path_factory):
     if request.param in NEEDS_TORCHVISION:
         pytest.importorskip("torchvision")
+    if request.param in NEEDS_TIMM:
+        pytest.importorskip("timm")
     build, overrides = FAMILIES[request.param]
     checkpoint = build(tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}")
     loaded = load_adapter(model_cfg(checkpoint, **overrides))

@@ -33,6 +33,7 @@ FAMILIES = {
     "lfm2_vl": "localization_heads.families.lfm2_vl:Lfm2VlAdapter",
     "gemma4": "localization_heads.families.gemma4:Gemma4Adapter",
     "mistral3": "localization_heads.families.mistral3:Mistral3Adapter",
+    "gemma3n": "localization_heads.families.gemma3n:Gemma3nAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -58,6 +59,7 @@ MODEL_TYPES = {
     "lfm2_vl": "lfm2_vl",
     "gemma4": "gemma4",
     "mistral3": "mistral3",
+    "gemma3n": "gemma3n",
 }
 
 
