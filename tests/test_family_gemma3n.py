@@ -6,6 +6,7 @@ The tower is built by timm, which imports torchvision: without them only the ref
 this file again in its torch + torchvision environment, where timm is installed)."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from localization_heads.check_layout import local_vision
+from localization_heads.check_layout import builtin_image, check_image, local_vision
 from localization_heads.collector import capture_rows, collect
 from localization_heads.dataio import InputError
 from localization_heads.families import gemma3n, load_adapter
@@ -154,6 +155,16 @@ def test_the_stride_32_map_reaches_a_third_of_a_cell_past_every_other_token(pair
         np.testing.assert_array_less(boxes[token, :2] - 1, xy.min(0))
         x0, y0, x1, y1 = boxes[token]
         assert x0 < xy[:, 0].mean() < x1 and y0 < xy[:, 1].mean() < y1, token
+
+
+@needs_timm
+def test_without_the_centre_taps_the_check_cannot_hold(pair, monkeypatch):
+    """Why the check cuts the kernels: with attention and the stride-32 stage zeroed but whole kernels,
+    a painted rectangle moves tokens more than one cell away (the receptive field is wider than the image)."""
+    fast, _ = pair
+    monkeypatch.setattr(fast, "local_kernels", contextlib.nullcontext)
+    (result,) = check_image(fast, builtin_image().resize((160, 120)))
+    assert result.misplaced > 0, result.line()
 
 
 @needs_timm
