@@ -129,13 +129,17 @@ def test_in_the_checks_local_tower_every_token_reads_only_its_cell(pair, size):
     reaches a token lies in the token's layout cell (≤ 1 px). A transposed or flipped raster, or another
     grid, would fail."""
     fast, _ = pair
+    pixels = fast.prepare([coord_image(*size)], ["a"]).inputs["pixel_values"]
+    with torch.inference_mode():
+        before = fast.model.get_image_features(pixels).pooler_output
     fed, boxes = fed_pixels(fast, size, local_vision(fast))
     for token, xy in enumerate(fed):
         assert len(xy), token
         np.testing.assert_array_less(boxes[token, :2] - 1, xy.min(0))
         np.testing.assert_array_less(xy.max(0), boxes[token, 2:] + 1)
-    for module in fast.model.modules():     # the centre taps are gone again
-        assert not parametrize.is_parametrized(module)
+    with torch.inference_mode():                                                # the tower is whole again
+        torch.testing.assert_close(fast.model.get_image_features(pixels).pooler_output, before, atol=0, rtol=0)
+    assert not any(parametrize.is_parametrized(module) for module in fast.model.modules())
 
 
 @needs_timm
