@@ -6,8 +6,9 @@ classes' defaults (pixel ranges, tile limits, pinpoints). This check asks the mo
 
 1. The vision encoder is made local for the check's duration: forward hooks zero the output of every
    module that mixes patches (adapter.vision_token_mixers(): by default every attention module of the
-   vision encoder), so each image token depends on its own pixels only. Nothing else changes; the
-   hooks are removed afterwards.
+   vision encoder), and a CNN tower's spatial kernels are cut to their centre taps
+   (adapter.local_kernels()), so each image token depends on its own pixels only. Nothing else
+   changes; the hooks are removed afterwards.
 2. For each image size (several aspect ratios, so tiling, pinpoints and crops are exercised), the layout
    of the unpainted image picks two target cells per view (a tile, the thumbnail, the base or high-res
    view, a crop), off the diagonal. One image per target is painted with a small rectangle — 40 % of the
@@ -69,7 +70,8 @@ def local_vision(adapter: Adapter):
 
     handles = [m.register_forward_hook(zero) for m in mixers]
     try:
-        yield calls
+        with adapter.local_kernels():
+            yield calls
     finally:
         for h in handles:
             h.remove()

@@ -95,9 +95,12 @@ FAMILIES = {
     "minicpmv4_6": (_built_by("tests.test_family_minicpmv4_6"), {}),
     "cohere2_vision": (_built_by("tests.test_family_cohere2_vision"), {}),
     "phi4_multimodal": (_built_by("tests.test_family_phi4_multimodal"), {}),
+    "gemma3n": (_built_by("tests.tiny_gemma3n"), {}),
 }
 # Their image processors exist only on the torchvision backend: checked in CI's torchvision environment.
 NEEDS_TORCHVISION = ("llama4", "lfm2_vl", "cohere2_vision", "phi4_multimodal")
+# Their vision towers are built by timm (which imports torchvision): checked where timm is installed.
+NEEDS_TIMM = ("gemma3n",)
 # Families whose images can have two views of the same grid (tiles, crops), whose tokens can be swapped.
 # Not Molmo2: its low- and high-res grids are equal only for a one-crop image, where both views cover the
 # same pixels cell for cell, so swapping them is no error.
@@ -108,6 +111,8 @@ TILED = ("internvl", "gemma3_pan_and_scan", "idefics3", "smolvlm", "minicpmv4_6"
 def adapter(request, tmp_path_factory):
     if request.param in NEEDS_TORCHVISION:
         pytest.importorskip("torchvision")
+    if request.param in NEEDS_TIMM:
+        pytest.importorskip("timm")
     build, overrides = FAMILIES[request.param]
     checkpoint = build(tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}")
     loaded = load_adapter(model_cfg(checkpoint, **overrides))

@@ -39,6 +39,7 @@ FAMILIES = {
     "ovis2_5": "localization_heads.families.ovis2_5:Ovis2_5Adapter",
     "cohere2_vision": "localization_heads.families.cohere2_vision:Cohere2VisionAdapter",
     "phi4_multimodal": "localization_heads.families.phi4_multimodal:Phi4MultimodalAdapter",
+    "gemma3n": "localization_heads.families.gemma3n:Gemma3nAdapter",
 }
 # config.json model_type → family (the original LLaVA format is recognised by its mm_* keys).
 MODEL_TYPES = {
@@ -71,6 +72,7 @@ MODEL_TYPES = {
     "ovis2_5": "ovis2_5",
     "cohere2_vision": "cohere2_vision",
     "phi4_multimodal": "phi4_multimodal",
+    "gemma3n": "gemma3n",
 }
 
 

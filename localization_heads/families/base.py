@@ -8,6 +8,7 @@ when the family's template adds one — each adapter states which).
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +102,12 @@ class Adapter:
         otherwise (convolutions across patches, a resampler) or keeps its tower elsewhere overrides this."""
         encoder = self.model.get_encoder(modality="image")
         return [] if encoder is self.model else attention_modules(encoder)
+
+    def local_kernels(self) -> AbstractContextManager:
+        """A context in which the image path's convolutions reach no neighbouring position (a CNN tower:
+        each spatial kernel cut to its centre tap); stage=check_layout enters it beside zeroing
+        vision_token_mixers. Default: nothing to cut."""
+        return nullcontext()
 
     def embedding_module(self) -> torch.nn.Module:
         """The module whose forward receives the language model's input embeddings, image features
