@@ -31,7 +31,8 @@ Profiles:   cpu      scaled-down LLaVA-1.5 (text 512 wide, 8 layers, 8 heads; sm
             qwen25vl_scaled_cpu  the same layers, heads, image and N with every width / 4 (~1 GB)
             qwen35_9b  Qwen3.5-9B's layers and heads (32 layers: 24 Gated-DeltaNet + 8 full attention,
                      16 heads over 4 KV; 27-block ViT) with every width / 4, a 1,000 × 750 image (smart_resize
-                     → 23 × 31 = 713 image tokens), N = 1,000, bfloat16, memory only
+                     → 23 × 31 = 713 image tokens), N = 1,000, bfloat16, memory only; plus where the plain
+                     forward's own peak lies (one more probe: per vision block and per kind of text layer)
             gemma4_31b_scaled_cpu  Gemma 4 31B's layers, heads, attention kinds and image settings, text widths
                      / 16 (vision / 4.5), the same 1,000 × 750 image, N = 620; memory only, float32 (~0.3 GB)
             --quick  tiny shapes, a smoke test (about a minute); its numbers are not written anywhere
@@ -92,6 +93,7 @@ class Profile:
     analysis_samples: int       # distinct attention tensors timed per logic config
     memory_only: bool = False   # measure extra peak memory only (the 7B shape on a CPU)
     parallel_probes: int = 2    # CPU memory probes run side by side (each holds a model copy)
+    peak_parts: bool = False    # also locate the plain forward's peak (Qwen3.5: vision blocks, text layer kinds)
     family: str = "llava"       # "llava", or the Qwen model_type built by tests/tiny_qwen.py
     image: tuple = (640, 480)   # (W, H) of the timed image (LLaVA pads it to one square size anyway)
 
@@ -180,7 +182,7 @@ PROFILES = {
     # Qwen3.5-9B's layers, heads, image and N with every width / 4 (~0.6 GB): eager's maps of the 8
     # full-attention layers keep their real size; the 24 linear-attention layers have none.
     "qwen35_9b": Profile("qwen35_9b", QWEN35_9B_SCALED_TEXT, QWEN35_9B_SCALED_VISION, "cpu", "bfloat16",
-                         memory_only=True, **(QWEN_MEMORY_RUN | dict(family="qwen3_5"))),
+                         memory_only=True, peak_parts=True, **(QWEN_MEMORY_RUN | dict(family="qwen3_5"))),
     # Smoke test: 112 px / patch 14 → 8×8 = 64 image tokens.
     "quick": Profile("quick", _text(64, 4, 4, 172, 512), _vision(32, 2, 4, 64, 112, 14, 32), "cpu", "float32",
                      seq_lens=(96, 384), warmup=1, repeats=3, batch_rows=8, batch_repeats=1,
@@ -406,36 +408,92 @@ def probe_memory(spec: dict) -> dict:
     """Subprocess body: load one mode's adapter, prepare N, one warm-up call (one-time library
     state such as oneDNN caches stays resident), then measure one call. The parent starts this
     process with MALLOC_MMAP_THRESHOLD_ set, so every freed tensor goes back to the OS and the
-    warm-up leaves no cached pages for the measured call to hide its peak in."""
+    warm-up leaves no cached pages for the measured call to hide its peak in. With spec["parts"]
+    (mode plain) it measures where that call's peak lies instead (plain_peak_parts)."""
     profile = PROFILES[spec["profile"]]
     adapter = load_adapters(profile, Path(spec["ckpt"]), modes=(spec["mode"],))[spec["mode"]]
-    call = mode_call(spec["mode"], adapter, prepare_n(adapter, spec["n"], profile.image))
+    prepared = prepare_n(adapter, spec["n"], profile.image)
+    call = mode_call(spec["mode"], adapter, prepared)
     call()
+    if spec.get("parts"):
+        return plain_peak_parts(adapter, prepared)
     return {"peak_mb": cpu_peak_growth_mb(call)}
+
+
+def _rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def plain_peak_parts(adapter, prepared) -> dict:
+    """Where the plain forward's extra peak lies, for a Qwen3.5 model (MB):
+    - "vision_alone": extra peak of the vision encoder alone (get_image_features), a call of its own;
+    - "vision_block", "full_attention", "linear_attention": the highest peak RSS reached inside one
+      vision block / one text layer of that kind during one plain forward, above the RSS at the
+      forward's start (the high-water mark is reset as each block starts, so each block's own peak
+      is read; the whole call's peak is then the largest of them, up to what runs between blocks)."""
+    model = adapter.model
+    text = model.model.language_model
+    parts = {"vision_block": list(model.model.visual.blocks)}
+    for kind, layer in zip(text.config.layer_types, text.layers):
+        parts.setdefault(kind, []).append(layer)
+    start, peaks, handles = [0.0], {name: 0.0 for name in parts}, []
+
+    def enter(module, args):
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def leave(name):
+        def hook(module, args, output):
+            peaks[name] = max(peaks[name], _status_kb("VmHWM") / 1024 - start[0])
+        return hook
+
+    for name, modules in parts.items():
+        for module in modules:
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave(name))]
+    try:
+        gc.collect()
+        start[0] = _rss_mb()
+        plain_forward(adapter, prepared)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inputs = adapter.call_inputs(prepared)
+    vision = torch.inference_mode()(lambda: model.model.get_image_features(inputs["pixel_values"],
+                                                                           inputs["image_grid_thw"]))
+    vision()
+    return peaks | {"vision_alone": cpu_peak_growth_mb(vision)}
 
 
 PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def cpu_memory(profile: Profile, ckpt: Path, mode: str, n_tokens: int) -> float:
-    """Extra peak RSS (MB) of one call, measured in a fresh subprocess for this mode and N."""
-    spec = json.dumps({"profile": profile.name, "ckpt": str(ckpt), "mode": mode, "n": n_tokens})
+def cpu_memory(profile: Profile, ckpt: Path, mode: str, n_tokens: int) -> float | dict:
+    """Extra peak RSS (MB) of one call, measured in a fresh subprocess for this mode and N; for the
+    mode "parts", plain_peak_parts's dict."""
+    parts = mode == "parts"
+    spec = json.dumps({"profile": profile.name, "ckpt": str(ckpt), "mode": "plain" if parts else mode, "n": n_tokens,
+                       "parts": parts})
     command = [sys.executable, __file__, "--probe-memory", spec, "--threads", str(torch.get_num_threads())]
     proc = subprocess.run(command, capture_output=True, text=True,
                           env=os.environ | PROBE_ENV)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {mode} N={n_tokens} failed:\n{proc.stderr[-3000:]}")
-    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
-    log(f"{mode} N={n_tokens}: extra peak {peak:.0f} MB")   # each as it comes: a slow run's partial results
-    return peak
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if parts:
+        log(f"plain N={n_tokens}: peak parts {result}")
+        return result
+    log(f"{mode} N={n_tokens}: extra peak {result['peak_mb']:.0f} MB")   # each as it comes: a slow run's partial results
+    return result["peak_mb"]
 
 
 def cpu_memory_all(profile: Profile, ckpt: Path) -> dict:
-    """N → mode → extra peak MB; profile.parallel_probes at a time (each is its own process, so
-    running them side by side changes their timing, not their memory)."""
+    """N → mode → extra peak MB (and "parts" → plain_peak_parts's dict where the profile asks);
+    profile.parallel_probes at a time (each is its own process, so running them side by side changes
+    their timing, not their memory)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [(n, mode) for n in profile.seq_lens for mode in MODES]
+    modes = MODES + ("parts",) if profile.peak_parts else MODES
+    jobs = [(n, mode) for n in profile.seq_lens for mode in modes]
     with ThreadPoolExecutor(max_workers=profile.parallel_probes) as pool:
         peaks = list(pool.map(lambda job: cpu_memory(profile, ckpt, job[1], job[0]), jobs))
     result = {n: {} for n in profile.seq_lens}
@@ -643,6 +701,12 @@ def build_table(profile: Profile, m: dict) -> tuple[list[list[str]], list[str]]:
         # The same, counting only what each adds on top of the plain forward's own activations.
         add("(capture − plain) / (eager − plain) peak memory", n,
             f"{(mem['capture'] - mem['plain']) / (mem['eager'] - mem['plain']):.3f}")
+        if "parts" in mem:   # where the plain forward's own peak (which every mode shares) lies
+            parts = mem["parts"]
+            add("plain forward's peak inside one vision block / full-attention layer / Gated-DeltaNet layer "
+                "(MB above the forward's start, max over blocks)", n,
+                " / ".join(f"{parts[k]:.0f}" for k in ("vision_block", "full_attention", "linear_attention")))
+            add("vision encoder alone (get_image_features), extra peak memory (MB)", n, f"{parts['vision_alone']:.0f}")
     b = m.get("batch")
     if b is None:   # a memory-only profile
         return rows, missed
