@@ -95,11 +95,12 @@ def assert_generate_batch_equals_eager(fast, eager, images: list[Image.Image], q
         torch.testing.assert_close(a["attn"], b["attn"], atol=TOL, rtol=0)
 
 
-def assert_token_k_is_made_of_the_kth_patch_group(model, prepared, group: int, every: int) -> None:
-    """Qwen-style towers (pixel_values [V·group, D] in token order, merged `group` patches a token):
-    with the tower's attention outputs zeroed (the caller does it) every feature is local, so
-    perturbing the k-th group of patch rows changes image token k and no other — for every `every`-th
-    token and the last, in one batch."""
+def assert_token_k_is_made_of_the_kth_patch_group(model, prepared, group: int, every: int,
+                                                  token_of: torch.Tensor | None = None) -> None:
+    """Qwen-style towers (pixel_values [V·group, D], merged `group` patches a token): with the tower's
+    attention outputs zeroed (the caller does it) every feature is local, so perturbing the k-th group
+    of patch rows changes image token token_of[k] (default: k) and no other — for every `every`-th
+    group and the last, in one batch."""
     pixels, grid_thw = prepared.inputs["pixel_values"], prepared.inputs["image_grid_thw"]   # [V·group, D], [1, 3]
     num_tokens = prepared.layouts[0].num_tokens
     tokens = list(range(0, num_tokens, every)) + [num_tokens - 1]
@@ -112,7 +113,7 @@ def assert_token_k_is_made_of_the_kth_patch_group(model, prepared, group: int, e
         features = model.model.get_image_features(torch.cat(copies), grid_thw.repeat(len(copies), 1)).pooler_output
     for k, perturbed in zip(tokens, features[1:]):                              # each [V, D]
         changed = (perturbed - features[0]).abs().amax(-1) > 1e-6
-        assert changed.nonzero()[:, 0].tolist() == [k]
+        assert changed.nonzero()[:, 0].tolist() == [k if token_of is None else int(token_of[k])]
 
 
 def assert_cli_runs(checkpoint: Path, tmp_path: Path, images: dict[str, Path], overrides: tuple[str, ...] = (),

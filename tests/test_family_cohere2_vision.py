@@ -14,7 +14,8 @@ from transformers import Cohere2Config, Cohere2VisionConfig, Cohere2VisionForCon
 from localization_heads.dataio import InputError
 from localization_heads.families import load_adapter
 from localization_heads.families.qwen_vl import torchvision_imports
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, coord_image, coord_images,
+                                 load_pair, model_cfg)
 from tests.tiny_vlm import assert_layout_matches_trace, traced_cell_boxes, word_tokenizer, zero_attention_outputs
 
 # 64 px tiles of 8 px patches → 8×8 patches → pixel shuffle 2 → 4×4 = 16 tokens a view, up to 6 tiles
@@ -130,10 +131,7 @@ def test_every_cell_covers_the_pixels_its_token_is_made_of(checkpoint, size, til
 
 @needs_torchvision
 def test_cli_pipeline_and_batch(checkpoint, tmp_path):
-    paths = {}
-    for name, size in (("wide", WIDE), ("tall", TALL)):
-        paths[name] = tmp_path / f"{name}.png"
-        coord_image(*size).save(paths[name])
+    paths = coord_images(tmp_path, {"wide": WIDE, "tall": TALL})
     assert_cli_runs(checkpoint, tmp_path / "out", paths)
 
 

@@ -14,12 +14,12 @@ from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import Dee
 from transformers.models.deepseek_vl_hybrid.image_processing_pil_deepseek_vl_hybrid import (
     DeepseekVLHybridImageProcessorPil)
 
-from localization_heads.collector import collect
 from localization_heads.dataio import InputError
 from localization_heads.families import load_adapter
 from localization_heads.families.deepseek_vl import DeepseekVLAdapter, pad_square_box
 from localization_heads.layout import cell_boxes
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, assert_generate_batch_equals_eager,
+                                 coord_image, load_pair, model_cfg)
 from tests.tiny_vlm import traced_cell_boxes, word_tokenizer, zero_attention_outputs
 
 # SigLIP 64 px / patch 8 → 8×8 tokens (released: 384 / 16 → 24×24); the hybrid's SAM sees the square at
@@ -121,12 +121,7 @@ def test_capture_equals_eager_on_one_image_and_a_left_padded_batch(pair):
 
 def test_generate_mode_row_equals_eager(pair):
     fast, eager = pair
-    gen = {"max_new_tokens": 2, "do_sample": False}
-    ours = collect(fast, images(), QUERIES, use_generate=True, gen_kwargs=gen)
-    theirs = collect(eager, images(), QUERIES, attn_capture="eager", use_generate=True, gen_kwargs=gen)
-    for a, b in zip(ours, theirs):
-        assert a["meta"]["mode"] == "generate" and a["meta"]["generated_text"] == b["meta"]["generated_text"]
-        torch.testing.assert_close(a["attn"], b["attn"], atol=1e-5, rtol=0)
+    assert_generate_batch_equals_eager(fast, eager, images(), QUERIES)
 
 
 @pytest.mark.parametrize("size, side, box", [

@@ -11,8 +11,9 @@ from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImagePr
 
 from localization_heads.families import load_adapter
 from localization_heads.families.gemma3 import Gemma3Adapter
-from localization_heads.collector import capture_rows, collect
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from localization_heads.collector import capture_rows
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, assert_generate_batch_equals_eager,
+                                 coord_image, load_pair, model_cfg)
 from tests.tiny_vlm import assert_layout_matches_trace, traced_cell_boxes, word_tokenizer, zero_attention_outputs
 
 # 64 px views of 8 px patches → 8×8 patches → 2×2 average pooling → 4×4 = 16 tokens per view
@@ -160,9 +161,4 @@ def test_generate_mode_row_equals_eager(pan_pair):
     with a text token) is the same under capture and eager, on a left-padded batch."""
     fast, eager = pan_pair
     images, queries = [coord_image(150, 60), coord_image(48, 80)], ["the red circle .", "a cat"]
-    gen = {"max_new_tokens": 2, "do_sample": False}
-    ours = collect(fast, images, queries, use_generate=True, gen_kwargs=gen)
-    theirs = collect(eager, images, queries, attn_capture="eager", use_generate=True, gen_kwargs=gen)
-    for a, b in zip(ours, theirs):
-        assert a["meta"]["mode"] == "generate" and a["meta"]["generated_text"] == b["meta"]["generated_text"]
-        torch.testing.assert_close(a["attn"], b["attn"], atol=1e-5, rtol=0)
+    assert_generate_batch_equals_eager(fast, eager, images, queries)

@@ -15,13 +15,14 @@ import torch
 from torch.nn.utils import parametrize
 
 from localization_heads.check_layout import builtin_image, check_image, local_vision
-from localization_heads.collector import capture_rows, collect
+from localization_heads.collector import capture_rows
 from localization_heads.dataio import InputError
 from localization_heads.families import gemma3n, load_adapter
 from localization_heads.families.gemma3n import Gemma3nAdapter, timm_imports
 from localization_heads.layout import cell_boxes
 from tests import tiny_gemma3n
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, assert_generate_batch_equals_eager,
+                                 coord_image, load_pair, model_cfg)
 
 needs_timm = pytest.mark.skipif(not timm_imports(), reason="Gemma 3n's vision tower is built by timm (needs torchvision)")
 QUERIES = ["the red circle .", "a cat"]
@@ -94,12 +95,7 @@ def test_generate_mode_row_equals_eager(pair):
     """The first generated token's row (the shared key/value layers read the cache) is the same under
     capture and eager on a left-padded batch."""
     fast, eager = pair
-    gen = {"max_new_tokens": 2, "do_sample": False}
-    ours = collect(fast, images(), QUERIES, use_generate=True, gen_kwargs=gen)
-    theirs = collect(eager, images(), QUERIES, attn_capture="eager", use_generate=True, gen_kwargs=gen)
-    for a, b in zip(ours, theirs):
-        assert a["meta"]["mode"] == "generate" and a["meta"]["generated_text"] == b["meta"]["generated_text"]
-        torch.testing.assert_close(a["attn"], b["attn"], atol=1e-5, rtol=0)
+    assert_generate_batch_equals_eager(fast, eager, images(), QUERIES)
 
 
 def fed_pixels(adapter, size: tuple[int, int], local) -> tuple[list[np.ndarray], np.ndarray]:

@@ -12,11 +12,11 @@ from transformers import JanusConfig, JanusForConditionalGeneration, JanusProces
 from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
-from localization_heads.collector import collect
 from localization_heads.families import load_adapter
 from localization_heads.families.janus import JanusAdapter
 from localization_heads.layout import cell_boxes
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, assert_generate_batch_equals_eager,
+                                 coord_image, load_pair, model_cfg)
 from tests.tiny_vlm import traced_cell_boxes, word_tokenizer, zero_attention_outputs
 
 IMAGE, PATCH = 64, 8          # 8×8 = 64 tokens (Janus-Pro: 384 / 16 → 24×24 = 576)
@@ -98,12 +98,7 @@ def test_capture_equals_eager_on_one_image_and_a_left_padded_batch(pair):
 
 def test_generate_mode_row_equals_eager_and_never_emits_an_image_token(pair):
     fast, eager = pair
-    gen = {"max_new_tokens": 2, "do_sample": False}
-    ours = collect(fast, images(), QUERIES, use_generate=True, gen_kwargs=gen)
-    theirs = collect(eager, images(), QUERIES, attn_capture="eager", use_generate=True, gen_kwargs=gen)
-    for a, b in zip(ours, theirs):
-        assert a["meta"]["mode"] == "generate" and a["meta"]["generated_text"] == b["meta"]["generated_text"]
-        torch.testing.assert_close(a["attn"], b["attn"], atol=1e-5, rtol=0)
+    assert_generate_batch_equals_eager(fast, eager, images(), QUERIES)
     markers = fast.tokenizer.convert_tokens_to_ids(["<image_placeholder>", "<begin_of_image>", "<end_of_image>"])
     assert sorted(fast.generate_kwargs["suppress_tokens"]) == sorted(markers)
 

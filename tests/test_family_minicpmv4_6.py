@@ -22,7 +22,8 @@ from localization_heads.families import load_adapter
 from localization_heads.families.minicpmv4_6 import ImageOnlyMiniCPMV4_6Processor, MiniCPMV4_6Adapter
 from localization_heads.families.qwen_vl import torchvision_imports
 from localization_heads.layout import cell_boxes
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, coord_image, coord_images,
+                                 load_pair, model_cfg)
 from tests.tiny_vlm import word_tokenizer, zero_attention_outputs
 
 PATCH, SCALE, MAX_SLICES = 4, 64, 4
@@ -198,10 +199,7 @@ def test_the_token_of_each_cell_is_made_of_that_cells_patches(checkpoint, pair):
 
 
 def test_cli_pipeline_and_batch(checkpoint, tmp_path):
-    paths = {}
-    for name, size in (("wide", WIDE), ("small", SMALL)):
-        paths[name] = tmp_path / f"{name}.png"
-        coord_image(*size).save(paths[name])
+    paths = coord_images(tmp_path, {"wide": WIDE, "small": SMALL})
     assert_cli_runs(checkpoint, tmp_path / "out", paths)
 
 

@@ -18,7 +18,8 @@ from localization_heads.families import load_adapter
 from localization_heads.families.ovis2_5 import PROCESSOR_CLASSES, Ovis2_5Adapter, token_order
 from localization_heads.families.qwen_vl import image_only_processor_class, torchvision_imports
 from localization_heads.layout import cell_boxes
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, assert_token_k_is_made_of_the_kth_patch_group,
+                                 coord_image, coord_images, load_pair, model_cfg)
 from tests.tiny_vlm import word_tokenizer, zero_attention_outputs
 
 # Sides under 256 px so the coordinate image's 8-bit colours resolve x and y to half a pixel; smart_resize
@@ -156,26 +157,11 @@ def test_the_token_of_each_cell_is_made_of_that_cells_block_of_patches(checkpoin
     assert zero_attention_outputs(model.model.vision_tower, "self_attn.out_proj") == 2
     prepared = fast.prepare([coord_image(*WIDE)], QUERIES[:1])
     offsets = prepared.image_positions[0] - prepared.image_positions[0].min()                # cell → token
-    pixels, grid_thw = prepared.inputs["pixel_values"], prepared.inputs["image_grid_thw"]       # [V·m², D], [1, 3]
-    group, num_tokens = MERGE**2, prepared.layouts[0].num_tokens
-    tokens = list(range(0, num_tokens, 3)) + [num_tokens - 1]
-    copies = [pixels]
-    for k in tokens:
-        copy = pixels.clone()
-        copy[k * group:(k + 1) * group] += 1.0
-        copies.append(copy)
-    with torch.inference_mode():
-        features = model.model.get_image_features(torch.cat(copies), grid_thw.repeat(len(copies), 1)).pooler_output
-    for k, perturbed in zip(tokens, features[1:]):                                             # each [V, D]
-        changed = (perturbed - features[0]).abs().amax(-1) > 1e-6
-        assert changed.nonzero()[:, 0].tolist() == [int(offsets[k])]
+    assert_token_k_is_made_of_the_kth_patch_group(model, prepared, MERGE**2, every=3, token_of=offsets)
 
 
 def test_cli_pipeline_and_batch(checkpoint, tmp_path):
-    paths = {}
-    for name, size in (("wide", WIDE), ("tall", TALL)):
-        paths[name] = tmp_path / f"{name}.png"
-        coord_image(*size).save(paths[name])
+    paths = coord_images(tmp_path, {"wide": WIDE, "tall": TALL})
     assert_cli_runs(checkpoint, tmp_path / "out", paths)
 
 

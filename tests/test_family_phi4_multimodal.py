@@ -18,7 +18,8 @@ from localization_heads.dataio import InputError
 from localization_heads.families import load_adapter
 from localization_heads.families.qwen_vl import torchvision_imports
 from localization_heads.layout import cell_boxes
-from tests.family_checks import assert_capture_equals_eager, assert_cli_runs, coord_image, load_pair, model_cfg
+from tests.family_checks import (assert_capture_equals_eager, assert_cli_runs, coord_image, coord_images,
+                                 load_pair, model_cfg)
 from tests.tiny_vlm import word_tokenizer, zero_attention_outputs
 
 # 64 px crops of 2 px patches: 32 × 32 patches → pooled 16 × 16 tokens a crop, as 448 / 14 (the processor counts
@@ -231,10 +232,7 @@ def sample_cells(layout) -> list[int]:
 
 @needs_torchvision
 def test_cli_pipeline_and_batch(checkpoint, tmp_path):
-    paths = {}
-    for name, size in (("wide", WIDE), ("small", SMALL)):
-        paths[name] = tmp_path / f"{name}.png"
-        coord_image(*size).save(paths[name])
+    paths = coord_images(tmp_path, {"wide": WIDE, "small": SMALL})
     assert_cli_runs(checkpoint, tmp_path / "out", paths)
 
 
