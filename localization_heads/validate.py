@@ -375,8 +375,10 @@ def heads_fit_problem(cfg: DictConfig, shape: tuple[list[int], int] | None, wher
 def check_heads_fit(cfg: DictConfig, out_dir: Path, rows: list) -> None:
     """Before any row of a batch: logic.heads against the model's heads, from its config.json or,
     when the model is not here, from the first saved attention file of the rows to redo."""
+    if not fixed_heads(cfg.logic)[0]:
+        return   # nothing to check: no need to read the model's config
     shape, where = model_heads(cfg), "its config.json"
-    if shape is None and fixed_heads(cfg.logic)[0]:
+    if shape is None:
         from localization_heads.collector import load_attention
 
         for row in rows:
@@ -451,7 +453,7 @@ def check_config(cfg: DictConfig) -> None:
             check_refiner(cfg)
         except InputError as e:
             problems.append(str(e))
-    if not any(problems) and stage in ("collect", "pipeline", "batch"):
+    if not any(problems) and stage in ("collect", "pipeline", "batch") and fixed_heads(cfg.logic)[0]:
         problems.append(heads_fit_problem(cfg, model_heads(cfg), f"{model_path(str(cfg.model.name))}/config.json"))
     problems = [p for p in problems if p]
     if problems:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from localization_heads.collector import load_attention, save_attention
@@ -119,13 +120,20 @@ def test_heads_outside_the_model_are_refused_before_any_row(cli, tmp_path, model
     assert not list(folder(out).glob("r*"))
 
 
-def test_heads_outside_the_saved_attention_are_refused_when_the_model_is_gone(cli, tmp_path, model_loads):
-    """A rerun that would only re-box saved attention reads L and H from the first attention file."""
+def saved_run_without_its_model(cli, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(model folder, data file, output folder) of a batch of 2 rows run on a copy of the toy model,
+    the copy then deleted: a rerun can only re-box the saved attention."""
     model = tmp_path / "toy-llava"
     shutil.copytree(REPO / "localization_heads" / "models" / "toy-llava", model)
     data, out = rows_file(tmp_path, good_rows(2)), tmp_path / "out"
     assert cli(*batch_args(data, out, f"model.name={model}"))[0] == EXIT_OK
     shutil.rmtree(model)
+    return model, data, out
+
+
+def test_heads_outside_the_saved_attention_are_refused_when_the_model_is_gone(cli, tmp_path, model_loads):
+    """A rerun that would only re-box saved attention reads L and H from the first attention file."""
+    model, data, out = saved_run_without_its_model(cli, tmp_path)
     with only_writes_into(tmp_path, out):
         code, log = cli(*batch_args(data, out, f"model.name={model}", "logic.heads=[[5,4]]"))
     assert code == EXIT_NOT_RUN and error_line(log, "logic.heads: [[5, 4]] outside the model's 6 layers × 4 heads (r0.pkl)")
@@ -148,11 +156,7 @@ def test_heads_on_layers_without_attention_are_refused_before_any_row(cli, tmp_p
 
 def test_heads_on_layers_the_saved_attention_lacks_are_refused_when_the_model_is_gone(cli, tmp_path, model_loads):
     """Without the model, a re-box reads the attention layers from meta["layers"] of the first saved file."""
-    model = tmp_path / "toy-llava"
-    shutil.copytree(REPO / "localization_heads" / "models" / "toy-llava", model)
-    data, out = rows_file(tmp_path, good_rows(2)), tmp_path / "out"
-    assert cli(*batch_args(data, out, f"model.name={model}"))[0] == EXIT_OK
-    shutil.rmtree(model)
+    model, data, out = saved_run_without_its_model(cli, tmp_path)
     for pkl in folder(out).glob("r?.pkl"):   # as a hybrid model writes them: rows are model layers 1, 3, …, 11
         record = load_attention(pkl)
         record["meta"]["layers"] = [2 * i + 1 for i in range(record["attn"].shape[0])]
